@@ -1,0 +1,135 @@
+"""The ``clientela`` command: migrate, serve, worker, beat, tenant create, on top of both packages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+
+from worker.config import get_settings
+
+cli = typer.Typer(
+    help="clientela: customer master-data batch ingestion.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+tenant_cli = typer.Typer(help="Manage tenants.", no_args_is_help=True)
+cli.add_typer(tenant_cli, name="tenant")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _settings_or_exit() -> None:
+    try:
+        get_settings()
+    except ValueError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the schema (Alembic upgrade head); idempotent."""
+    _settings_or_exit()
+    _configure_logging()
+    from worker.migrate import upgrade
+
+    upgrade()
+    typer.echo("schema is at head")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the HTTP receiver; in embedded mode also a worker and the reconciler, in-process."""
+    _settings_or_exit()
+    _configure_logging()
+    import uvicorn
+
+    from api_stub.app import create_app
+
+    settings = get_settings()
+    runtime = None
+    if settings.embedded:
+        from api_stub.embedded import EmbeddedRuntime
+        from worker.migrate import upgrade
+
+        upgrade()
+        runtime = EmbeddedRuntime(settings)
+        runtime.start()
+        typer.echo(
+            f"clientela (embedded mode: {settings.sqlalchemy_url}, in-process worker) on http://{host}:{port}\n"
+            "Get a subscription key:  clientela tenant create NAME   (run it in this same directory)\n"
+            f"Then a token:            curl -X POST http://{host}:{port}/v1/token "
+            '-H "Ocp-Apim-Subscription-Key: KEY"'
+        )
+    try:
+        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    finally:
+        if runtime is not None:
+            runtime.stop()
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker for the ingestion queue."""
+    _settings_or_exit()
+    from worker.tasks import QUEUE, app
+
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={QUEUE}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            f"--hostname=ingest-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@cli.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Run the periodic scheduler (the reconciler); one per deployment."""
+    _settings_or_exit()
+    from worker.tasks import app
+
+    schedule = Path(tempfile.gettempdir()) / f"clientela-beat-{os.getpid()}"
+    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+
+
+@tenant_cli.command("create")
+def tenant_create(name: str) -> None:
+    """Create a tenant and print its subscription key as one JSON line."""
+    _settings_or_exit()
+    from api_stub.auth import TenantExists, create_tenant
+
+    if get_settings().embedded:
+        from worker.migrate import upgrade
+
+        upgrade()
+    try:
+        key = create_tenant(name)
+    except TenantExists:
+        typer.echo(f"tenant {name!r} already exists", err=True)
+        raise typer.Exit(1) from None
+    sys.stdout.write(orjson.dumps({"tenant": name, "subscriptionKey": key}).decode() + "\n")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,52 @@
+"""The envelope checks of ``batch-create``: everything the receiver decides before storing a batch.
+
+Items themselves are not looked at here; the workers validate them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jiter
+from fastapi import Request
+
+from api_stub.errors import ApiError
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def check_content_type(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON_MEDIA_TYPE:
+        raise ApiError(415, "Content-Type: application/json is required")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = ApiError(413, "Request body too large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def parse_items(body: bytes, max_items: int) -> list[Any]:
+    """The array of items, with numbers kept as their exact text (never rounded through a float)."""
+    if not body.strip():
+        raise ApiError(422, "Request body cannot be empty")
+    try:
+        document = jiter.from_json(body, float_mode="lossless-float")
+    except ValueError:
+        raise ApiError(400, "Invalid JSON in request body") from None
+    if not isinstance(document, list):
+        raise ApiError(422, "Request body must be a JSON array")
+    if not document:
+        raise ApiError(422, "Array must contain at least 1 item")
+    if len(document) > max_items:
+        raise ApiError(422, f"Array must contain at most {max_items} items")
+    return document

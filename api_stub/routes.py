@@ -1,0 +1,266 @@
+"""The HTTP surface: token, batch-create, batch status, batch list, one customer, health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import redis
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy import select, text
+from starlette.concurrency import run_in_threadpool
+
+from api_stub.auth import authenticated_tenant, issue_token, tenant_for_key
+from api_stub.envelope import check_content_type, parse_items, read_body
+from api_stub.errors import ApiError, JSONBody
+from worker import batches
+from worker.config import get_settings
+from worker.contracts import Contract
+from worker.contracts.customer import CUSTOMER
+from worker.db import get_engine, session_scope
+from worker.models import Batch, BatchStatus
+from worker.tasks import enqueue_chunks
+
+log = logging.getLogger(__name__)
+
+Tenant = Annotated[uuid.UUID, Depends(authenticated_tenant)]
+ItemStatusFilter = Literal["CREATED", "FAILED", "UNPROCESSED"]
+BatchStatusFilter = Literal["QUEUED", "RUNNING", "COMPLETED", "FAILED"]
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?\s*(?=$|[,;])", re.IGNORECASE)
+# While a batch runs, pollers are asked to come back after this many seconds.
+RETRY_AFTER_SECONDS = 1
+
+router = APIRouter()
+
+
+@router.post("/v1/token")
+async def token(request: Request) -> JSONBody:
+    tenant_id = await tenant_for_key(request)
+    settings = get_settings()
+    return JSONBody(
+        {
+            "access_token": issue_token(tenant_id, settings),
+            "token_type": "Bearer",
+            "expires_in": settings.token_ttl_seconds,
+        }
+    )
+
+
+@router.get("/healthz")
+async def healthz() -> JSONBody:
+    return JSONBody({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz() -> JSONBody:
+    checks = await run_in_threadpool(_readiness)
+    ready = all(state == "ok" for state in checks.values())
+    return JSONBody({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
+
+
+def _readiness() -> dict[str, str]:
+    checks = {"database": "ok", "broker": "ok"}
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception:
+        log.warning("readiness: database unreachable", exc_info=True)
+        checks["database"] = "unreachable"
+    broker_url = get_settings().broker_url
+    if broker_url is not None:
+        try:
+            redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        except Exception:
+            log.warning("readiness: broker unreachable", exc_info=True)
+            checks["broker"] = "unreachable"
+    return checks
+
+
+def _prefer_wait(request: Request) -> int | None:
+    """Seconds asked for with ``Prefer: wait=N`` (RFC 7240), capped at the configured maximum."""
+    match = _PREFER_WAIT.search(request.headers.get("prefer", ""))
+    if match is None:
+        return None
+    return min(int(match.group(1)), get_settings().max_prefer_wait_seconds)
+
+
+def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
+    """The batch endpoints of one contract; the pipeline behind them is the same for every contract."""
+    routes = APIRouter(prefix=prefix)
+    not_found = f"{noun} not found"
+
+    @routes.post("/batch-create", status_code=202)
+    async def batch_create(request: Request, tenant_id: Tenant) -> JSONBody:
+        settings = get_settings()
+        check_content_type(request)
+        body = await read_body(request, settings.max_body_bytes)
+        submission = await run_in_threadpool(_store, body, tenant_id)
+        await run_in_threadpool(_enqueue, submission.chunk_ids)
+        accepted = JSONBody(
+            {
+                "statusCode": 202,
+                "message": "Batch accepted",
+                "batchId": str(submission.batch_id),
+                "status": BatchStatus.QUEUED,
+                "total": submission.total,
+            },
+            202,
+            headers={"Location": f"{prefix}/batches/{submission.batch_id}"},
+        )
+        wait = _prefer_wait(request)
+        if not wait:
+            return accepted
+        outcome = await _wait_for_end(tenant_id, submission.batch_id, wait)
+        if outcome is None:
+            return accepted
+        outcome.headers["Preference-Applied"] = f"wait={wait}"
+        return outcome
+
+    def _store(body: bytes, tenant_id: uuid.UUID) -> batches.Submission:
+        settings = get_settings()
+        items = parse_items(body, settings.max_batch_items)
+        with session_scope() as session:
+            return batches.submit_batch(
+                session,
+                tenant_id=tenant_id,
+                contract=contract,
+                items=items,
+                chunk_size=settings.chunk_size,
+                lease_seconds=settings.chunk_lease_seconds,
+            )
+
+    async def _wait_for_end(tenant_id: uuid.UUID, batch_id: uuid.UUID, wait: int) -> JSONBody | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        pause = 0.05
+        while True:
+            outcome = await run_in_threadpool(_final_outcome, tenant_id, batch_id)
+            if outcome is not None or loop.time() + pause > deadline:
+                return outcome
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _final_outcome(tenant_id: uuid.UUID, batch_id: uuid.UUID) -> JSONBody | None:
+        with session_scope() as session:
+            batch = batches.find_batch(session, tenant_id, batch_id)
+            if batch is None or batch.status not in BatchStatus.ENDED:
+                return None
+            if batch.status == BatchStatus.COMPLETED and batch.failed == 0:
+                return JSONBody(
+                    {
+                        "statusCode": 201,
+                        "message": "Customers created successfully",
+                        "batchId": str(batch_id),
+                    },
+                    201,
+                )
+            return JSONBody(
+                {
+                    "statusCode": 422,
+                    "batchId": str(batch_id),
+                    "created": batch.created,
+                    "errors": batches.failed_items(session, batch_id),
+                },
+                422,
+            )
+
+    @routes.get("/batches")
+    async def list_batches(
+        tenant_id: Tenant,
+        status: BatchStatusFilter | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        before: uuid.UUID | None = None,
+    ) -> JSONBody:
+        def read() -> dict[str, Any]:
+            with session_scope() as session:
+                page, next_before = batches.list_batches(
+                    session, tenant_id, status=status, limit=limit, before=before
+                )
+                return {
+                    "batches": [batches.summary(batch) for batch in page],
+                    "nextBefore": str(next_before) if next_before else None,
+                }
+
+        return JSONBody(await run_in_threadpool(read))
+
+    @routes.get("/batches/{batch_id}")
+    async def batch_status(
+        batch_id: str,
+        tenant_id: Tenant,
+        status: ItemStatusFilter | None = None,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    ) -> JSONBody:
+        def read() -> JSONBody:
+            with session_scope() as session:
+                batch = _tenant_batch(session, tenant_id, batch_id)
+                if batch.status not in BatchStatus.ENDED:
+                    raise ApiError(
+                        423,
+                        "Resource is locked and cannot be accessed",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                        extra=batches.progress(batch),
+                    )
+                entries = batches.results(session, batch.id, status=status, offset=offset, limit=limit)
+                return JSONBody({**batches.summary(batch), "results": entries})
+
+        return await run_in_threadpool(read)
+
+    def _tenant_batch(session: Any, tenant_id: uuid.UUID, batch_id: str) -> Batch:
+        try:
+            parsed = uuid.UUID(batch_id)
+        except ValueError:
+            raise ApiError(404, "Batch not found") from None
+        batch = batches.find_batch(session, tenant_id, parsed)
+        if batch is None:
+            raise ApiError(404, "Batch not found")
+        return batch
+
+    @routes.get("/{key:path}")
+    async def record(key: str, tenant_id: Tenant) -> JSONBody:
+        def read() -> dict[str, Any] | None:
+            table = contract.table
+            with session_scope() as session:
+                row = session.execute(
+                    select(table).where(table.c.tenant_id == tenant_id, table.c[contract.key] == key)
+                ).one_or_none()
+            if row is None:
+                return None
+            return _record_json(contract, row._mapping)
+
+        found = await run_in_threadpool(read)
+        if found is None:
+            raise ApiError(404, not_found)
+        return JSONBody(found)
+
+    return routes
+
+
+def _record_json(contract: Contract, row: Any) -> dict[str, Any]:
+    """Every field of the table; decimals as strings with their scale so that no client rounds them."""
+    document: dict[str, Any] = {"customerId": str(row["id"])}
+    for spec in contract.fields:
+        value = row[spec.name]
+        if isinstance(value, Decimal):
+            value = f"{value:.{getattr(spec, 'scale', 0)}f}"
+        document[spec.name] = value
+    document["batchId"] = str(row["batch_id"])
+    document["createdAt"] = batches.iso(row["created_at"])
+    return document
+
+
+def _enqueue(chunk_ids: list[uuid.UUID]) -> None:
+    """Send the chunk messages; if the broker is unreachable the batch is still stored, and the
+    reconciler enqueues it once the lease runs out."""
+    try:
+        enqueue_chunks(chunk_ids)
+    except Exception:
+        log.warning("enqueue failed for %d chunks; the reconciler will retry", len(chunk_ids), exc_info=True)
+
+
+router.include_router(contract_routes(CUSTOMER, "/v1/customers", "Customer"))

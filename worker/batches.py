@@ -1,0 +1,181 @@
+"""Batches as the receiver stores them and as the status endpoints read them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.orm import Session
+
+from worker.contracts import Contract
+from worker.models import Batch, BatchStatus, Chunk, ItemResult
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_json_number(value: Any) -> orjson.Fragment:
+    """Write a number back exactly as it was read (jiter's LosslessFloat keeps the original text)."""
+    return orjson.Fragment(bytes(value))
+
+
+@dataclass(frozen=True)
+class Submission:
+    batch_id: uuid.UUID
+    total: int
+    chunk_ids: list[uuid.UUID]
+
+
+def submit_batch(
+    session: Session,
+    *,
+    tenant_id: uuid.UUID,
+    contract: Contract,
+    items: Sequence[Any],
+    chunk_size: int,
+    lease_seconds: int,
+) -> Submission:
+    """Store a batch, its chunks and the in-batch duplicate facts, in the caller's transaction.
+
+    The first item with a key owns it; every later item with the same key is recorded as its duplicate, so
+    the workers decide duplicates the same way whatever order the chunks run in.
+    """
+    now = utcnow()
+    batch_id = uuid.uuid4()
+    first_index: dict[str, int] = {}
+    chunks: list[dict[str, Any]] = []
+    for seq, start in enumerate(range(0, len(items), chunk_size)):
+        part = items[start : start + chunk_size]
+        duplicates: dict[str, int] = {}
+        for position, item in enumerate(part):
+            key = contract.key_of(item)
+            if key is None:
+                continue
+            first = first_index.setdefault(key, start + position)
+            if first != start + position:
+                duplicates[str(position)] = first
+        chunks.append(
+            {
+                "id": uuid.uuid4(),
+                "batch_id": batch_id,
+                "seq": seq,
+                "start_index": start,
+                "item_count": len(part),
+                "payload": orjson.dumps(part, default=_as_json_number),
+                "duplicates": duplicates,
+                "available_at": now + timedelta(seconds=lease_seconds),
+            }
+        )
+    session.add(
+        Batch(
+            id=batch_id,
+            tenant_id=tenant_id,
+            contract=contract.name,
+            status=BatchStatus.QUEUED,
+            total=len(items),
+            processed=0,
+            created=0,
+            failed=0,
+            chunk_count=len(chunks),
+            chunks_ended=0,
+            chunks_failed=0,
+            submitted_at=now,
+        )
+    )
+    session.flush()
+    session.execute(insert(Chunk), chunks)
+    return Submission(batch_id=batch_id, total=len(items), chunk_ids=[c["id"] for c in chunks])
+
+
+def find_batch(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Batch | None:
+    """The batch if it exists and belongs to the tenant; another tenant's batch is as good as unknown."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.tenant_id != tenant_id:
+        return None
+    return batch
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def progress(batch: Batch) -> dict[str, Any]:
+    return {
+        "batchId": str(batch.id),
+        "status": batch.status,
+        "total": batch.total,
+        "processed": batch.processed,
+        "created": batch.created,
+        "failed": batch.failed,
+    }
+
+
+def summary(batch: Batch) -> dict[str, Any]:
+    return {
+        **progress(batch),
+        "submittedAt": iso(batch.submitted_at),
+        "startedAt": iso(batch.started_at),
+        "completedAt": iso(batch.completed_at),
+    }
+
+
+def results(
+    session: Session, batch_id: uuid.UUID, *, status: str | None, offset: int, limit: int | None
+) -> list[dict[str, Any]]:
+    """The per-index outcomes in index order, as the status endpoint shows them."""
+    query = (
+        select(ItemResult.idx, ItemResult.status, ItemResult.code, ItemResult.customer_id, ItemResult.errors)
+        .where(ItemResult.batch_id == batch_id)
+        .order_by(ItemResult.idx)
+        .offset(offset)
+    )
+    if status is not None:
+        query = query.where(ItemResult.status == status)
+    if limit is not None:
+        query = query.limit(limit)
+    entries: list[dict[str, Any]] = []
+    for idx, item_status, code, customer_id, errors in session.execute(query):
+        entry: dict[str, Any] = {"index": idx, "status": item_status}
+        if customer_id is not None:
+            entry["code"] = code
+            entry["customerId"] = str(customer_id)
+        if errors:
+            entry["errors"] = errors
+        entries.append(entry)
+    return entries
+
+
+def failed_items(session: Session, batch_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The reference document's per-item error list: every item that was not created."""
+    return [
+        {"index": entry["index"], "errors": entry.get("errors", [])}
+        for entry in results(session, batch_id, status=None, offset=0, limit=None)
+        if entry["status"] != "CREATED"
+    ]
+
+
+def list_batches(
+    session: Session, tenant_id: uuid.UUID, *, status: str | None, limit: int, before: uuid.UUID | None
+) -> tuple[list[Batch], uuid.UUID | None]:
+    """The tenant's batches, newest first, one page at a time (keyset on submission time and id)."""
+    query = select(Batch).where(Batch.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Batch.status == status)
+    if before is not None:
+        anchor = find_batch(session, tenant_id, before)
+        if anchor is None:
+            return [], None
+        query = query.where(tuple_(Batch.submitted_at, Batch.id) < (anchor.submitted_at, anchor.id))
+    page = list(session.scalars(query.order_by(Batch.submitted_at.desc(), Batch.id.desc()).limit(limit + 1)))
+    next_before = page[limit - 1].id if len(page) > limit else None
+    return page[:limit], next_before

@@ -1,0 +1,89 @@
+"""Settings: one object, built once from the CLIENTELA_* environment.
+
+With neither ``CLIENTELA_DATABASE_URL`` nor ``CLIENTELA_BROKER_URL`` set, clientela runs in embedded mode:
+a SQLite file and a generated secret in the data directory, and an in-process broker.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_SECRET_LENGTH = 32
+_PLACEHOLDER_SECRETS = {"changethis", "change-me", "changeme", "secret"}
+EMBEDDED_BROKER_URL = "memory://localhost/"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIENTELA_", extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    secret_key: str | None = None
+    data_dir: Path = Path()
+
+    chunk_size: int = Field(default=1000, ge=1, le=10_000)
+    max_batch_items: int = 10_000
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # A chunk claimed or enqueued longer ago than this is handed out again by the reconciler.
+    chunk_lease_seconds: int = Field(default=60, ge=2)
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
+    # Attempts after which a chunk that keeps failing is given up and its items marked UNPROCESSED.
+    max_chunk_attempts: int = Field(default=5, ge=1)
+    token_ttl_seconds: int = 3600
+    max_prefer_wait_seconds: int = 60
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None and self.broker_url is None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'clientela.db').resolve()}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or EMBEDDED_BROKER_URL
+
+    @property
+    def task_time_limit_seconds(self) -> int:
+        # Below the lease, so a chunk still running cannot be handed to a second worker by the reconciler.
+        return max(1, self.chunk_lease_seconds - 1)
+
+    @model_validator(mode="after")
+    def _secret_required_outside_embedded(self) -> Settings:
+        if self.embedded:
+            return self
+        if self.database_url is None or self.broker_url is None:
+            raise ValueError(
+                "set both CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL, or neither (embedded mode)"
+            )
+        if not self.secret_key:
+            raise ValueError(
+                "CLIENTELA_SECRET_KEY is required when CLIENTELA_DATABASE_URL or BROKER_URL is set"
+            )
+        if self.secret_key.lower() in _PLACEHOLDER_SECRETS or len(self.secret_key) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"CLIENTELA_SECRET_KEY must be a random string of at least {MIN_SECRET_LENGTH} chars"
+            )
+        return self
+
+    def signing_key(self) -> str:
+        """The token-signing secret; in embedded mode generated once and kept in the data directory."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "clientela.secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

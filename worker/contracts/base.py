@@ -1,0 +1,261 @@
+"""What a contract is: a field table from which its pydantic model, its table and its messages follow.
+
+A contract module declares its fields once (``Text``, ``Decimal``, ``Choice``); ``Contract`` builds the
+validator and the SQLAlchemy table from them, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal as PyDecimal
+from decimal import InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    create_model,
+)
+from pydantic_core import PydanticCustomError
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Numeric,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy import types as sa_types
+from sqlalchemy.engine import Dialect
+
+from worker.models import Base
+
+REQUIRED = "Field is required"
+MUST_BE_STRING = "Field must be a string"
+UNKNOWN_FIELD = "Unknown field"
+ITEM_MUST_BE_OBJECT = "Item must be an object"
+DECIMAL_TYPE = "Field must be of type decimal"
+DECIMAL_FORMAT = "Field must be a valid decimal (e.g., 1.5, 10.25)"
+DECIMAL_NOT_FINITE = "Field must be a valid decimal number"
+# PostgreSQL text cannot hold NUL; refusing it here keeps one bad item from failing its whole chunk.
+INVALID_CHARACTERS = "Field must not contain NUL characters"
+
+_PLAIN_DECIMAL = re.compile(r"[+-]?\d+(?:\.\d+)?")
+_NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+ItemErrors = list[dict[str, str]]
+
+
+class StoredDecimal(sa_types.TypeDecorator[PyDecimal]):
+    """``numeric(p, s)`` on PostgreSQL; exact decimal text on SQLite, which has no decimal type."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def __init__(self, precision: int, scale: int) -> None:
+        super().__init__(precision=precision, scale=scale, asdecimal=True)
+        self.precision = precision
+        self.scale = scale
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa_types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String())
+        return dialect.type_descriptor(Numeric(self.precision, self.scale, asdecimal=True))
+
+    def process_bind_param(self, value: PyDecimal | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return str(value.quantize(PyDecimal(1).scaleb(-self.scale)))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> PyDecimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, PyDecimal) else PyDecimal(str(value))
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string of at most ``max_length`` characters; ``required`` also refuses null and ``""``."""
+
+    name: str
+    max_length: int
+    required: bool = False
+
+    def annotation(self) -> Any:
+        constrained = Annotated[
+            str,
+            StringConstraints(strict=True, min_length=1 if self.required else 0, max_length=self.max_length),
+            AfterValidator(_refuse_nul),
+        ]
+        return constrained if self.required else constrained | None
+
+    def column(self) -> Column[Any]:
+        return Column(self.name, String(self.max_length), nullable=not self.required)
+
+
+@dataclass(frozen=True)
+class Decimal:
+    """A ``decimal(precision, scale)``: a JSON number or a plain decimal string, read from its exact text."""
+
+    name: str
+    precision: int
+    scale: int
+
+    def annotation(self) -> Any:
+        return Annotated[PyDecimal | None, PlainValidator(self.parse, json_schema_input_type=str | float)]
+
+    def parse(self, value: Any) -> PyDecimal | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str | PyDecimal):
+            raise PydanticCustomError("decimal_type", DECIMAL_TYPE)
+        if isinstance(value, str):
+            if value.strip().lower() in _NOT_FINITE:
+                raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
+            if not _PLAIN_DECIMAL.fullmatch(value):
+                raise PydanticCustomError("decimal_format", DECIMAL_FORMAT)
+        try:
+            number = PyDecimal(value)
+        except InvalidOperation:
+            raise PydanticCustomError("decimal_format", DECIMAL_FORMAT) from None
+        if not number.is_finite():
+            raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
+        # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2).
+        _, digits, exponent = number.normalize().as_tuple() if number else (0, (0,), 0)
+        assert isinstance(exponent, int)
+        integer_digits = max(len(digits) + exponent, 0) if any(digits) else 0
+        max_integer_digits = self.precision - self.scale
+        if integer_digits > max_integer_digits:
+            raise PydanticCustomError(
+                "decimal_integer_digits", f"Field exceeds maximum of {max_integer_digits} integer digits"
+            )
+        if -exponent > self.scale:
+            raise PydanticCustomError(
+                "decimal_places", f"Field exceeds maximum of {self.scale} decimal places"
+            )
+        return number
+
+    def column(self) -> Column[Any]:
+        return Column(self.name, StoredDecimal(self.precision, self.scale))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A string that must be one of ``values`` (the reference's Y/N flags)."""
+
+    name: str
+    values: tuple[str, ...] = ("Y", "N")
+
+    def annotation(self) -> Any:
+        return Annotated[str | None, PlainValidator(self.parse, json_schema_input_type=str)]
+
+    def parse(self, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and value in self.values):
+            return value
+        raise PydanticCustomError("choice", "Value must be one of: " + ", ".join(self.values))
+
+    def column(self) -> Column[Any]:
+        width = max(len(v) for v in self.values)
+        return Column(self.name, String(width))
+
+    def check(self, table: str) -> CheckConstraint:
+        allowed = ", ".join(f"'{v}'" for v in self.values)
+        return CheckConstraint(f"{self.name} IN ({allowed})", name=f"ck_{table}_{self.name}")
+
+
+FieldSpec = Text | Decimal | Choice
+
+
+def _refuse_nul(value: str) -> str:
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", INVALID_CHARACTERS)
+    return value
+
+
+def _message(error: Any) -> str:
+    """The contract's message for one pydantic error; our own validators already carry theirs."""
+    kind = error["type"]
+    if kind in ("missing", "string_too_short"):
+        return REQUIRED
+    if kind == "string_type":
+        return REQUIRED if error["input"] is None else MUST_BE_STRING
+    if kind == "string_too_long":
+        return f"Field exceeds maximum length of {error['ctx']['max_length']} characters"
+    if kind == "extra_forbidden":
+        return UNKNOWN_FIELD
+    return str(error["msg"])
+
+
+@dataclass
+class Contract:
+    """One kind of record clientela ingests: its fields, its table and the key unique per tenant."""
+
+    name: str
+    table_name: str
+    fields: Sequence[FieldSpec]
+    key: str
+    model: type[BaseModel] = field(init=False)
+    table: Table = field(init=False)
+    _position: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        definitions: dict[str, Any] = {}
+        for spec in self.fields:
+            required = isinstance(spec, Text) and spec.required
+            definitions[spec.name] = (spec.annotation(), ... if required else None)
+        self.model = create_model(
+            f"{self.name.title()}Item", __config__=ConfigDict(extra="forbid"), **definitions
+        )
+        self._position = {spec.name: i for i, spec in enumerate(self.fields)}
+        checks = [spec.check(self.table_name) for spec in self.fields if isinstance(spec, Choice)]
+        self.table = Table(
+            self.table_name,
+            Base.metadata,
+            Column("id", Uuid, primary_key=True, default=uuid.uuid4),
+            Column("tenant_id", Uuid, ForeignKey("tenants.id"), nullable=False),
+            Column("batch_id", Uuid, nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            *(spec.column() for spec in self.fields),
+            UniqueConstraint("tenant_id", self.key, name=f"uq_{self.table_name}_tenant_{self.key}"),
+            *checks,
+        )
+
+    @property
+    def field_names(self) -> list[str]:
+        return [spec.name for spec in self.fields]
+
+    def validate(self, item: Any) -> tuple[dict[str, Any] | None, ItemErrors]:
+        """The item's stored values, or its errors: one per failing field, table order, unknown keys last."""
+        if not isinstance(item, dict):
+            return None, [{"message": ITEM_MUST_BE_OBJECT}]
+        try:
+            return self.model.model_validate(item).__dict__, []
+        except ValidationError as exc:
+            errors = [
+                {"field": str(error["loc"][0]), "message": _message(error)}
+                for error in exc.errors(include_url=False)
+            ]
+            return None, self.ordered(errors)
+
+    def ordered(self, errors: ItemErrors) -> ItemErrors:
+        """Errors in field-table order; unknown keys keep their input order after the table's fields."""
+        last = len(self.fields)
+        return sorted(errors, key=lambda e: self._position.get(e.get("field", ""), last))
+
+    def key_of(self, item: Any) -> str | None:
+        """The item's uniqueness key when it is a usable string; the receiver uses it for duplicate facts."""
+        if isinstance(item, dict):
+            value = item.get(self.key)
+            if isinstance(value, str) and value:
+                return value
+        return None

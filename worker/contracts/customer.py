@@ -1,0 +1,43 @@
+"""The batch customer of the reference document (``POST /v1/customers/batch-create``), field for field."""
+
+from worker.contracts.base import Choice, Contract, Decimal, Text
+
+CUSTOMER = Contract(
+    name="customers",
+    table_name="customers",
+    key="code",
+    fields=[
+        Text("code", 18, required=True),
+        Text("type", 30),
+        Text("name", 150, required=True),
+        Text("contact", 150),
+        Text("phone", 100),
+        Text("address", 300),
+        Text("city", 50),
+        Decimal("quota", 18, 2),
+        Decimal("term", 3, 0),
+        Text("payment_method", 50),
+        Text("email", 150),
+        Text("email2", 150),
+        Text("country", 50),
+        Text("region", 50),
+        Text("price_list", 20),
+        Text("location", 20),
+        Text("nit", 20),
+        Decimal("discount", 10, 2),
+        Text("discount_list", 20),
+        Text("observations", 500),
+        Text("name_est", 200),
+        Text("short_name", 200),
+        Text("operation_center", 10),
+        Choice("block_sales"),
+        Decimal("commercial_discount", 18, 2),
+        Decimal("discount_base", 18, 2),
+        Decimal("withholding_base", 18, 2),
+        Decimal("withholding", 18, 2),
+        Text("corporate_client", 18),
+        Choice("iva_exempt"),
+        Decimal("real_quota", 18, 2),
+        Choice("state"),
+    ],
+)

@@ -1,0 +1,61 @@
+"""Engine and sessions: one engine per process, created lazily so that forked workers build their own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.config import get_settings
+
+_engine: Engine | None = None
+_engine_pid: int | None = None
+_sessions: sessionmaker[Session] | None = None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the status endpoint read while the in-process worker writes; busy_timeout waits for the lock.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def build_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+
+
+def get_engine() -> Engine:
+    """The process's engine; a forked child gets a fresh one instead of sharing its parent's sockets."""
+    global _engine, _engine_pid, _sessions
+    if _engine is None or _engine_pid != os.getpid():
+        if _engine is not None:
+            _engine.dispose(close=False)
+        _engine = build_engine(get_settings().sqlalchemy_url)
+        _engine_pid = os.getpid()
+        _sessions = sessionmaker(_engine, expire_on_commit=False)
+    return _engine
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One transaction: committed when the block ends normally, rolled back when it raises."""
+    get_engine()
+    assert _sessions is not None
+    with _sessions.begin() as session:
+        yield session
+
+
+def is_postgresql(session_or_engine: Session | Engine) -> bool:
+    bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else session_or_engine
+    return bind.dialect.name == "postgresql"

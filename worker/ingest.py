@@ -1,0 +1,164 @@
+"""Processing one chunk: the whole of a worker's job, as a plain function the tests can call.
+
+A chunk is processed in ONE transaction: its results, its created records, its ``DONE`` mark and the batch's
+counters commit together or not at all, so a crash anywhere leaves the chunk exactly as it was and a
+retry starts clean. The attempt counter lives in a transaction of its own, so crashes are counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import jiter
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from worker.batches import utcnow
+from worker.config import Settings
+from worker.contracts import Contract, get_contract
+from worker.db import session_scope
+from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
+from worker.storage import insert_new_records, write_results
+
+UNPROCESSED_ERROR = {"message": "Item could not be processed"}
+
+
+def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
+    """Process a chunk if it is still pending and nobody else holds it; say what happened."""
+    attempt = _count_attempt(chunk_id, settings)
+    if attempt is None:
+        return "skipped"
+    with session_scope() as session:
+        chunk = _lock_pending(session, chunk_id)
+        if chunk is None:
+            return "skipped"
+        batch = session.get(Batch, chunk.batch_id)
+        assert batch is not None
+        contract = get_contract(batch.contract)
+        if chunk.attempts > settings.max_chunk_attempts:
+            rows = _unprocessed(chunk)
+            chunk_status = ChunkStatus.FAILED
+        else:
+            rows = _validate_and_insert(session, contract, batch, chunk)
+            chunk_status = ChunkStatus.DONE
+        write_results(session, rows)
+        _end_chunk(session, chunk, batch.id, chunk_status, rows)
+    return chunk_status.lower()
+
+
+def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> int | None:
+    """Record one more attempt and push the lease forward; None when the chunk is not ours to take."""
+    with session_scope() as session:
+        chunk = _lock_pending(session, chunk_id)
+        if chunk is None:
+            return None
+        now = utcnow()
+        chunk.attempts += 1
+        chunk.available_at = now + timedelta(seconds=settings.chunk_lease_seconds)
+        session.execute(
+            update(Batch)
+            .where(Batch.id == chunk.batch_id, Batch.status == BatchStatus.QUEUED)
+            .values(status=BatchStatus.RUNNING, started_at=now)
+        )
+        return chunk.attempts
+
+
+def _lock_pending(session: Session, chunk_id: uuid.UUID) -> Chunk | None:
+    # SKIP LOCKED: a second delivery of a chunk that another worker holds returns at once, not waits.
+    return session.scalars(
+        select(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.PENDING)
+        .with_for_update(skip_locked=True)
+    ).one_or_none()
+
+
+def _validate_and_insert(
+    session: Session, contract: Contract, batch: Batch, chunk: Chunk
+) -> list[dict[str, Any]]:
+    assert chunk.payload is not None
+    items = jiter.from_json(chunk.payload, float_mode="decimal")
+    rows: list[dict[str, Any]] = []
+    valid: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for position, item in enumerate(items):
+        values, errors = contract.validate(item)
+        first = chunk.duplicates.get(str(position))
+        if first is not None and not any(error.get("field") == contract.key for error in errors):
+            message = f"Duplicate {contract.key} in batch (first at index {first})"
+            errors = contract.ordered([*errors, {"field": contract.key, "message": message}])
+        row = {
+            "batch_id": batch.id,
+            "idx": chunk.start_index + position,
+            "code": contract.key_of(item),
+            "customer_id": None,
+            "errors": errors or None,
+        }
+        rows.append(row)
+        if errors:
+            row["status"] = ItemStatus.FAILED
+        else:
+            assert values is not None
+            valid.append((row, values))
+    created = insert_new_records(
+        session,
+        contract,
+        tenant_id=batch.tenant_id,
+        batch_id=batch.id,
+        now=utcnow(),
+        records=[values for _, values in valid],
+    )
+    exists = [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
+    for row, values in valid:
+        new_id = created.get(values[contract.key])
+        row["status"] = ItemStatus.CREATED if new_id else ItemStatus.FAILED
+        row["customer_id"] = new_id
+        row["errors"] = None if new_id else exists
+    return rows
+
+
+def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:
+    return [
+        {
+            "batch_id": chunk.batch_id,
+            "idx": chunk.start_index + position,
+            "status": ItemStatus.UNPROCESSED,
+            "code": None,
+            "customer_id": None,
+            "errors": [UNPROCESSED_ERROR],
+        }
+        for position in range(chunk.item_count)
+    ]
+
+
+def _end_chunk(
+    session: Session, chunk: Chunk, batch_id: uuid.UUID, status: str, rows: list[dict[str, Any]]
+) -> None:
+    """Mark the chunk ended and count it into its batch; the last chunk to end closes the batch."""
+    now = utcnow()
+    chunk.status = status
+    chunk.payload = None
+    chunk.ended_at = now
+    created = sum(1 for row in rows if row["status"] == ItemStatus.CREATED)
+    chunk_failed = 1 if status == ChunkStatus.FAILED else 0
+    ended = Batch.chunks_ended + 1
+    # The UPDATE takes the batch row's lock, so concurrent chunks of one batch count in turn and exactly
+    # one of them sees the last chunk end.
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            processed=Batch.processed + len(rows),
+            created=Batch.created + created,
+            failed=Batch.failed + len(rows) - created,
+            chunks_ended=ended,
+            chunks_failed=Batch.chunks_failed + chunk_failed,
+            started_at=case((Batch.started_at.is_(None), now), else_=Batch.started_at),
+            status=case(
+                (ended < Batch.chunk_count, BatchStatus.RUNNING),
+                (Batch.chunks_failed + chunk_failed > 0, BatchStatus.FAILED),
+                else_=BatchStatus.COMPLETED,
+            ),
+            completed_at=case((ended >= Batch.chunk_count, now), else_=None),
+        )
+    )

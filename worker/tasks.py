@@ -1,0 +1,75 @@
+"""Celery: the app, its two tasks and the one way messages are sent.
+
+Messages carry ids only. Retries never come from Celery (no ETA/countdown retries, which collide with the
+Redis visibility timeout): a chunk whose task failed stays pending and the reconciler hands it out again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from celery import Celery
+
+from worker.config import get_settings
+from worker.ingest import process_chunk
+from worker.reconciler import overdue_chunks
+
+QUEUE = "ingest"
+PROCESS_CHUNK = "clientela.process_chunk"
+RECONCILE = "clientela.reconcile"
+
+log = logging.getLogger(__name__)
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    celery = Celery("clientela", broker=settings.celery_broker_url, set_as_current=True)
+    celery.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_seconds,
+        # polling_interval only matters to the in-process broker of embedded mode (Redis is pushed to).
+        broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.1},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # A publish that cannot reach Redis gives up fast: the batch is stored and the reconciler enqueues it.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
+        },
+    )
+    return celery
+
+
+app = make_app()
+
+
+@app.task(name=PROCESS_CHUNK)
+def process_chunk_task(chunk_id: str) -> str:
+    return process_chunk(uuid.UUID(chunk_id), get_settings())
+
+
+@app.task(name=RECONCILE)
+def reconcile_task() -> int:
+    chunk_ids = overdue_chunks(get_settings())
+    if chunk_ids:
+        log.info("reconciler re-enqueued %d overdue chunks", len(chunk_ids))
+        enqueue_chunks(chunk_ids)
+    return len(chunk_ids)
+
+
+def enqueue_chunks(chunk_ids: Iterable[uuid.UUID | str]) -> None:
+    """One small message per chunk, in the order given."""
+    with app.producer_or_acquire() as producer:
+        for chunk_id in chunk_ids:
+            process_chunk_task.apply_async(args=[str(chunk_id)], queue=QUEUE, producer=producer)
