@@ -25,6 +25,28 @@ def _as_json_number(value: Any) -> orjson.Fragment:
     return orjson.Fragment(bytes(value))
 
 
+_JSON_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    """orjson refuses integers beyond 64 bits; JSON does not, so such numbers are written as their text."""
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _JSON_INT_RANGE:
+        return orjson.Fragment(str(value))
+    if isinstance(value, list):
+        return [_big_ints_as_text(element) for element in value]
+    if isinstance(value, dict):
+        return {key: _big_ints_as_text(element) for key, element in value.items()}
+    return value
+
+
+def compact_json(items: Sequence[Any]) -> bytes:
+    """Items as compact JSON with every number exactly as the client wrote it."""
+    try:
+        return orjson.dumps(items, default=_as_json_number)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_big_ints_as_text(items), default=_as_json_number)
+
+
 @dataclass(frozen=True)
 class Submission:
     batch_id: uuid.UUID
@@ -67,7 +89,7 @@ def submit_batch(
                 "seq": seq,
                 "start_index": start,
                 "item_count": len(part),
-                "payload": orjson.dumps(part, default=_as_json_number),
+                "payload": compact_json(part),
                 "duplicates": duplicates,
                 "available_at": now + timedelta(seconds=lease_seconds),
             }
