@@ -94,7 +94,21 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
     routes = APIRouter(prefix=prefix)
     not_found = f"{noun} not found"
 
-    @routes.post("/batch-create", status_code=202)
+    item_schema = contract.model.model_json_schema()
+    body_schema = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": get_settings().max_batch_items,
+        "items": item_schema,
+    }
+
+    @routes.post(
+        "/batch-create",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}
+        },
+    )
     async def batch_create(request: Request, tenant_id: Tenant) -> JSONBody:
         settings = get_settings()
         check_content_type(request)

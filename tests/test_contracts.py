@@ -1,0 +1,110 @@
+"""The customer contract's validator on its own: every message, decided from the exact input text."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import jiter
+import pytest
+
+from worker.contracts import CONTRACTS
+from worker.contracts.customer import CUSTOMER
+
+
+def errors_of(item: Any) -> list[dict[str, str]]:
+    values, errors = CUSTOMER.validate(item)
+    assert (values is None) == bool(errors)
+    return errors
+
+
+def one(field: str, raw_json: str) -> list[dict[str, str]]:
+    """Errors of a valid item whose ``field`` holds the given JSON value, parsed as the worker parses it."""
+    item = jiter.from_json(
+        f'{{"code": "C1", "name": "N", "{field}": {raw_json}}}'.encode(), float_mode="decimal"
+    )
+    return errors_of(item)
+
+
+def test_registry_holds_the_customer_contract() -> None:
+    assert CONTRACTS["customers"] is CUSTOMER
+    assert CUSTOMER.key == "code"
+    assert len(CUSTOMER.fields) == 32
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "message"),
+    [
+        ("quota", "true", "Field must be of type decimal"),
+        ("quota", "{}", "Field must be of type decimal"),
+        ("quota", "[1]", "Field must be of type decimal"),
+        ("quota", '"abc"', "Field must be a valid decimal (e.g., 1.5, 10.25)"),
+        ("quota", '"1,5"', "Field must be a valid decimal (e.g., 1.5, 10.25)"),
+        ("quota", '"1e5"', "Field must be a valid decimal (e.g., 1.5, 10.25)"),
+        ("quota", '""', "Field must be a valid decimal (e.g., 1.5, 10.25)"),
+        ("quota", '"NaN"', "Field must be a valid decimal number"),
+        ("quota", '"-Infinity"', "Field must be a valid decimal number"),
+        ("quota", "NaN", "Field must be a valid decimal number"),
+        ("quota", "12345678901234567.5", "Field exceeds maximum of 16 integer digits"),
+        ("quota", "1e17", "Field exceeds maximum of 16 integer digits"),
+        ("quota", "1.234", "Field exceeds maximum of 2 decimal places"),
+        ("term", "30.5", "Field exceeds maximum of 0 decimal places"),
+        ("term", "1000", "Field exceeds maximum of 3 integer digits"),
+        ("discount", '"123456789.5"', "Field exceeds maximum of 8 integer digits"),
+        ("phone", "3001234567", "Field must be a string"),
+        ("city", "true", "Field must be a string"),
+        ("nit", '"' + "9" * 21 + '"', "Field exceeds maximum length of 20 characters"),
+        ("state", '"S"', "Value must be one of: Y, N"),
+        ("block_sales", '"y"', "Value must be one of: Y, N"),
+        ("iva_exempt", "1", "Value must be one of: Y, N"),
+        ("email", '"a\\u0000b"', "Field must not contain NUL characters"),
+        ("colour", '"red"', "Unknown field"),
+    ],
+)
+def test_each_message(field: str, raw: str, message: str) -> None:
+    assert one(field, raw) == [{"field": field, "message": message}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("9999999999999999.99", Decimal("9999999999999999.99")),
+        ('"9999999999999999.99"', Decimal("9999999999999999.99")),
+        ('"-12.50"', Decimal("-12.50")),
+        ("10.250", Decimal("10.250")),
+        ("1e5", Decimal("1e5")),
+        ("0.00", Decimal("0")),
+        ("null", None),
+    ],
+)
+def test_decimals_keep_their_exact_value(raw: str, stored: Decimal | None) -> None:
+    item = jiter.from_json(f'{{"code": "C1", "name": "N", "quota": {raw}}}'.encode(), float_mode="decimal")
+    values, errors = CUSTOMER.validate(item)
+    assert errors == []
+    assert values is not None
+    assert values["quota"] == stored
+
+
+@pytest.mark.parametrize("missing", [{}, {"code": None}, {"code": ""}])
+def test_code_is_required(missing: dict[str, Any]) -> None:
+    item = {"code": "C1", "name": "N", **missing}
+    if not missing:
+        del item["code"]
+    assert errors_of(item) == [{"field": "code", "message": "Field is required"}]
+
+
+def test_errors_follow_the_field_table_then_unknown_keys_in_input_order() -> None:
+    item = {"zeta": 1, "state": "X", "quota": "x", "alpha": 2, "name": None, "code": "C" * 19}
+    assert errors_of(item) == [
+        {"field": "code", "message": "Field exceeds maximum length of 18 characters"},
+        {"field": "name", "message": "Field is required"},
+        {"field": "quota", "message": "Field must be a valid decimal (e.g., 1.5, 10.25)"},
+        {"field": "state", "message": "Value must be one of: Y, N"},
+        {"field": "zeta", "message": "Unknown field"},
+        {"field": "alpha", "message": "Unknown field"},
+    ]
+
+
+@pytest.mark.parametrize("item", [[], "x", 3, None, True])
+def test_an_item_must_be_an_object(item: Any) -> None:
+    assert errors_of(item) == [{"message": "Item must be an object"}]
