@@ -1,0 +1,43 @@
+"""The `clientela` command line: idempotent migrations, tenant creation, required settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+from tests.services import clientela_bin, free_port, run_cli
+
+
+def test_migrate_is_idempotent(migrated: dict[str, str]) -> None:
+    run_cli(["migrate"], migrated, timeout=120)
+    run_cli(["migrate"], migrated, timeout=120)
+
+
+def test_tenant_create_prints_one_json_line(migrated: dict[str, str]) -> None:
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    out = run_cli(["tenant", "create", name], migrated)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    assert set(data) == {"tenant", "subscriptionKey"}
+    assert data["tenant"] == name
+    assert len(data["subscriptionKey"]) >= 20
+    other = json.loads(run_cli(["tenant", "create", f"{name}-2"], migrated))
+    assert other["subscriptionKey"] != data["subscriptionKey"]
+
+
+def test_serve_refuses_to_start_without_a_secret_key(migrated: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in migrated.items() if k != "CLIENTELA_SECRET_KEY"}
+    proc = subprocess.run(
+        [clientela_bin(), "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "CLIENTELA_SECRET_KEY" in proc.stdout + proc.stderr

@@ -1,0 +1,49 @@
+"""Embedded mode: `clientela serve` with no database or broker URL runs the reference example by itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import REFERENCE_EXAMPLE, REFERENCE_STORED, post_batch, strip_ids, wait_for_batch
+from tests.services import clean_env, create_tenant, start_server
+
+
+def test_reference_example_in_embedded_mode(tmp_path: Path) -> None:
+    workdir = tmp_path / "embedded"
+    workdir.mkdir()
+    env = clean_env()
+    server = start_server("embedded-server", env, tmp_path / "logs", cwd=workdir)
+    try:
+        data = create_tenant("embedded-tenant", env, cwd=workdir)
+        assert data["tenant"] == "embedded-tenant"
+        key = data["subscriptionKey"]
+        token = httpx.post(f"{server.base_url}/v1/token", headers={"Ocp-Apim-Subscription-Key": key})
+        assert token.status_code == 200, token.text
+        headers = {
+            "Ocp-Apim-Subscription-Key": key,
+            "Authorization": f"Bearer {token.json()['access_token']}",
+        }
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as client:
+            r = post_batch(client, raw=REFERENCE_EXAMPLE)
+            assert r.status_code == 202, r.text
+            batch_id = r.json()["batchId"]
+            assert r.json() == {
+                "statusCode": 202,
+                "message": "Batch accepted",
+                "batchId": batch_id,
+                "status": "QUEUED",
+                "total": 1,
+            }
+            body = wait_for_batch(client, batch_id, timeout=60)
+            assert body["status"] == "COMPLETED"
+            assert (body["total"], body["processed"], body["created"], body["failed"]) == (1, 1, 1, 0)
+            assert strip_ids(body["results"]) == [{"index": 0, "status": "CREATED", "code": "CLI-001"}]
+            customer = client.get("/v1/customers/CLI-001")
+            assert customer.status_code == 200
+            assert {k: customer.json().get(k) for k in REFERENCE_STORED} == REFERENCE_STORED
+            assert httpx.get(f"{server.base_url}/readyz").status_code == 200
+        assert (workdir / "clientela.db").exists(), sorted(p.name for p in workdir.iterdir())
+    finally:
+        server.stop()

@@ -1,0 +1,21 @@
+"""Health endpoints, without authentication."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from tests.services import Server, free_port
+
+
+def test_healthz_and_readyz(server: Server) -> None:
+    assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+    assert httpx.get(f"{server.base_url}/readyz").status_code == 200
+
+
+def test_readyz_is_503_when_the_broker_is_unreachable(extra_server: Callable[..., Server]) -> None:
+    srv = extra_server("server-no-broker", CLIENTELA_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert httpx.get(f"{srv.base_url}/healthz").status_code == 200
+    r = httpx.get(f"{srv.base_url}/readyz", timeout=30)
+    assert r.status_code == 503
