@@ -222,7 +222,8 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                         extra=batches.progress(batch),
                     )
-                entries = batches.results(session, batch.id, status=status, offset=offset, limit=limit)
+                statuses = None if status is None else [status]
+                entries = batches.results(session, batch.id, statuses=statuses, offset=offset, limit=limit)
                 return JSONBody({**batches.summary(batch), "results": entries})
 
         return await run_in_threadpool(read)

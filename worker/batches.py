@@ -13,7 +13,7 @@ from sqlalchemy import insert, select, tuple_
 from sqlalchemy.orm import Session
 
 from worker.contracts import Contract
-from worker.models import Batch, BatchStatus, Chunk, ItemResult
+from worker.models import Batch, BatchStatus, Chunk, ItemResult, ItemStatus
 
 
 def utcnow() -> datetime:
@@ -152,7 +152,12 @@ def summary(batch: Batch) -> dict[str, Any]:
 
 
 def results(
-    session: Session, batch_id: uuid.UUID, *, status: str | None, offset: int, limit: int | None
+    session: Session,
+    batch_id: uuid.UUID,
+    *,
+    statuses: Sequence[str] | None,
+    offset: int = 0,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """The per-index outcomes in index order, as the status endpoint shows them."""
     query = (
@@ -161,8 +166,8 @@ def results(
         .order_by(ItemResult.idx)
         .offset(offset)
     )
-    if status is not None:
-        query = query.where(ItemResult.status == status)
+    if statuses is not None:
+        query = query.where(ItemResult.status.in_(statuses))
     if limit is not None:
         query = query.limit(limit)
     entries: list[dict[str, Any]] = []
@@ -181,8 +186,7 @@ def failed_items(session: Session, batch_id: uuid.UUID) -> list[dict[str, Any]]:
     """The reference document's per-item error list: every item that was not created."""
     return [
         {"index": entry["index"], "errors": entry.get("errors", [])}
-        for entry in results(session, batch_id, status=None, offset=0, limit=None)
-        if entry["status"] != "CREATED"
+        for entry in results(session, batch_id, statuses=(ItemStatus.FAILED, ItemStatus.UNPROCESSED))
     ]
 
 
