@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import redis
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api_stub.auth import authenticated_tenant, issue_token, tenant_for_key
@@ -228,7 +229,7 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
 
         return await run_in_threadpool(read)
 
-    def _tenant_batch(session: Any, tenant_id: uuid.UUID, batch_id: str) -> Batch:
+    def _tenant_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> Batch:
         try:
             parsed = uuid.UUID(batch_id)
         except ValueError:

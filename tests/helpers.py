@@ -98,6 +98,9 @@ REFERENCE_STORED = {
 }
 
 LOCKED = "Resource is locked and cannot be accessed"
+# The keys of a batch's progress (the 423 body adds statusCode and errors) and of its summary.
+PROGRESS_KEYS = {"batchId", "status", "total", "processed", "created", "failed"}
+SUMMARY_KEYS = PROGRESS_KEYS | {"submittedAt", "startedAt", "completedAt"}
 UNAUTHORIZED = {"statusCode": 401, "errors": [{"message": "Unauthorized"}]}
 
 

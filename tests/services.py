@@ -316,6 +316,14 @@ class RedisServer:
             _terminate(self.proc, signal.SIGTERM, grace=15, group=True)
             self.proc = None
 
+    def restart_empty(self) -> None:
+        """kill -9 this Redis (it keeps nothing on disk) and start it again on the same port."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+        self.start()
+
 
 @dataclass
 class ClientelaProcess:

@@ -115,10 +115,7 @@ def test_redis_restarted_empty_still_completes_the_batch(
     with stack.client_for(tenant) as client:
         batch_id = submit(client, payload.items)
         # Every message of the batch is lost with Redis.
-        stack.redis.proc.kill()  # type: ignore[union-attr]
-        stack.redis.proc.wait(timeout=10)  # type: ignore[union-attr]
-        stack.redis.proc = None
-        stack.redis.start()
+        stack.redis.restart_empty()
         stack.workers.start()
         body = wait_for_batch(client, batch_id, timeout=180)
         check_outcome(body, payload.expected, codes_of(db, tenant))

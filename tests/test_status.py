@@ -11,6 +11,7 @@ from typing import Any
 from tests.conftest import Tenant
 from tests.helpers import (
     LOCKED,
+    SUMMARY_KEYS,
     created,
     err,
     failed,
@@ -22,18 +23,6 @@ from tests.helpers import (
     wait_for_batch,
 )
 from tests.services import Workers
-
-SUMMARY_KEYS = {
-    "batchId",
-    "status",
-    "total",
-    "processed",
-    "created",
-    "failed",
-    "submittedAt",
-    "startedAt",
-    "completedAt",
-}
 
 
 def utc(ts: str) -> datetime:

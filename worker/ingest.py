@@ -27,8 +27,7 @@ UNPROCESSED_ERROR = {"message": "Item could not be processed"}
 
 def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
     """Process a chunk if it is still pending and nobody else holds it; say what happened."""
-    attempt = _count_attempt(chunk_id, settings)
-    if attempt is None:
+    if not _count_attempt(chunk_id, settings):
         return "skipped"
     with session_scope() as session:
         chunk = _lock_pending(session, chunk_id)
@@ -48,12 +47,12 @@ def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
     return chunk_status.lower()
 
 
-def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> int | None:
-    """Record one more attempt and push the lease forward; None when the chunk is not ours to take."""
+def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
+    """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
     with session_scope() as session:
         chunk = _lock_pending(session, chunk_id)
         if chunk is None:
-            return None
+            return False
         now = utcnow()
         chunk.attempts += 1
         chunk.available_at = now + timedelta(seconds=settings.chunk_lease_seconds)
@@ -62,7 +61,7 @@ def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> int | None:
             .where(Batch.id == chunk.batch_id, Batch.status == BatchStatus.QUEUED)
             .values(status=BatchStatus.RUNNING, started_at=now)
         )
-        return chunk.attempts
+        return True
 
 
 def _lock_pending(session: Session, chunk_id: uuid.UUID) -> Chunk | None:
