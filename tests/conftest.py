@@ -20,6 +20,7 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
+from tests.report import FIGURES
 from tests.services import (
     LOG_FILES,
     ClientelaProcess,
@@ -53,6 +54,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and call.when in ("setup", "call"):
         for name, path in LOG_FILES:
             report.sections.append((f"log tail: {name} ({path})", tail(path, 40)))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("measured figures")
+    width = max(len(section) for section, _ in FIGURES)
+    for section, text in FIGURES:
+        terminalreporter.write_line(f"{section:<{width}}  {text}")
 
 
 @pytest.fixture(scope="session")
