@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import uuid
@@ -35,6 +36,11 @@ BatchStatusFilter = Literal["QUEUED", "RUNNING", "COMPLETED", "FAILED"]
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?\s*(?=$|[,;])", re.IGNORECASE)
 # While a batch runs, pollers are asked to come back after this many seconds.
 RETRY_AFTER_SECONDS = 1
+# A tenant over its in-progress limit is asked to come back after this many seconds: about the time the
+# workers of a small deployment need to work off one full batch.
+BACKPRESSURE_RETRY_AFTER_SECONDS = 5
+# The IETF httpapi draft sends the key as a structured-field string ("…"); a bare value is taken as it is.
+_IDEMPOTENCY_KEY = re.compile(r'"([\x20\x21\x23-\x7e]{1,255})"|([\x21\x23-\x7e][\x20\x21\x23-\x7e]{0,254})')
 
 router = APIRouter()
 
@@ -82,6 +88,16 @@ def _readiness() -> dict[str, str]:
     return checks
 
 
+def _idempotency_key(request: Request) -> str | None:
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    match = _IDEMPOTENCY_KEY.fullmatch(raw.strip())
+    if match is None:
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters, without quotes")
+    return match.group(1) or match.group(2)
+
+
 def _prefer_wait(request: Request) -> int | None:
     """Seconds asked for with ``Prefer: wait=N`` (RFC 7240), capped at the configured maximum."""
     match = _PREFER_WAIT.search(request.headers.get("prefer", ""))
@@ -107,15 +123,27 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
         "/batch-create",
         status_code=202,
         openapi_extra={
-            "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}},
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "Retries with the same key and body answer the batch stored first.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                }
+            ],
         },
     )
     async def batch_create(request: Request, tenant_id: Tenant) -> JSONBody:
         settings = get_settings()
         check_content_type(request)
+        key = _idempotency_key(request)
         body = await read_body(request, settings.max_body_bytes)
-        submission = await run_in_threadpool(_store, body, tenant_id)
-        await run_in_threadpool(_enqueue, submission.chunk_ids)
+        submission = await run_in_threadpool(_store, body, tenant_id, key)
+        if submission.chunk_ids:
+            await run_in_threadpool(_enqueue, submission.chunk_ids)
+        replayed = {"Idempotent-Replayed": "true"} if submission.replayed else {}
         accepted = JSONBody(
             {
                 "statusCode": 202,
@@ -125,7 +153,7 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                 "total": submission.total,
             },
             202,
-            headers={"Location": f"{prefix}/batches/{submission.batch_id}"},
+            headers={"Location": f"{prefix}/batches/{submission.batch_id}", **replayed},
         )
         wait = _prefer_wait(request)
         if not wait:
@@ -133,14 +161,44 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
         outcome = await _wait_for_end(tenant_id, submission.batch_id, wait)
         if outcome is None:
             return accepted
-        outcome.headers["Preference-Applied"] = f"wait={wait}"
+        outcome.headers.update({"Preference-Applied": f"wait={wait}", **replayed})
         return outcome
 
-    def _store(body: bytes, tenant_id: uuid.UUID) -> batches.Submission:
+    def _store(body: bytes, tenant_id: uuid.UUID, key: str | None) -> batches.Submission:
+        """Store the batch; with an Idempotency-Key, answer with the batch an earlier request stored."""
+        if key is None:
+            return _store_new(body, tenant_id, None)
+        fingerprint = hashlib.sha256(body).hexdigest()
+        try:
+            with session_scope() as session:
+                earlier = batches.replay(session, tenant_id, key, fingerprint)
+            if earlier is not None:
+                return earlier
+            try:
+                return _store_new(body, tenant_id, (key, fingerprint))
+            except batches.KeyTaken:
+                # A concurrent request with the same key committed first: its batch is the answer.
+                with session_scope() as session:
+                    earlier = batches.replay(session, tenant_id, key, fingerprint)
+        except batches.KeyReused:
+            raise ApiError(422, "Idempotency-Key reused with a different payload") from None
+        if earlier is None:
+            raise ApiError(409, "A request with this Idempotency-Key is in progress; retry it")
+        return earlier
+
+    def _store_new(body: bytes, tenant_id: uuid.UUID, key: tuple[str, str] | None) -> batches.Submission:
         settings = get_settings()
         items = parse_items(body, settings.max_batch_items)
         with session_scope() as session:
-            return batches.submit_batch(
+            try:
+                batches.reserve_capacity(session, tenant_id, len(items), settings.max_items_in_progress)
+            except batches.TooManyInProgress:
+                raise ApiError(
+                    429,
+                    "Too many items in progress",
+                    headers={"Retry-After": str(BACKPRESSURE_RETRY_AFTER_SECONDS)},
+                ) from None
+            submission = batches.submit_batch(
                 session,
                 tenant_id=tenant_id,
                 contract=contract,
@@ -148,6 +206,9 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                 chunk_size=settings.chunk_size,
                 lease_seconds=settings.chunk_lease_seconds,
             )
+            if key is not None:
+                batches.claim_key(session, tenant_id, *key, submission.batch_id)
+            return submission
 
     async def _wait_for_end(tenant_id: uuid.UUID, batch_id: uuid.UUID, wait: int) -> JSONBody | None:
         loop = asyncio.get_running_loop()

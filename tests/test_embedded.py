@@ -44,6 +44,18 @@ def test_reference_example_in_embedded_mode(tmp_path: Path) -> None:
             assert customer.status_code == 200
             assert {k: customer.json().get(k) for k in REFERENCE_STORED} == REFERENCE_STORED
             assert httpx.get(f"{server.base_url}/readyz").status_code == 200
+
+            # Idempotency-Key works on SQLite too.
+            items = [{"code": "CLI-002", "name": "Second"}]
+            first = post_batch(client, items, headers={"Idempotency-Key": "emb-1"})
+            again = post_batch(client, items, headers={"Idempotency-Key": "emb-1"})
+            assert first.status_code == again.status_code == 202
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.json() == first.json()
+            other = post_batch(
+                client, [{"code": "CLI-003", "name": "Third"}], headers={"Idempotency-Key": "emb-1"}
+            )
+            assert other.status_code == 422
         assert (workdir / "clientela.db").exists(), sorted(p.name for p in workdir.iterdir())
     finally:
         server.stop()

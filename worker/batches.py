@@ -6,14 +6,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import CursorResult, delete, func, insert, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.contracts import Contract
-from worker.models import Batch, BatchStatus, Chunk, ItemResult, ItemStatus
+from worker.db import is_postgresql
+from worker.models import Batch, BatchStatus, Chunk, IdempotencyKey, ItemResult, ItemStatus, Tenant
+
+# How long an Idempotency-Key is remembered (the IETF httpapi draft leaves it to the server; 24 h is common).
+IDEMPOTENCY_KEY_TTL = timedelta(hours=24)
 
 
 def utcnow() -> datetime:
@@ -52,6 +57,87 @@ class Submission:
     batch_id: uuid.UUID
     total: int
     chunk_ids: list[uuid.UUID]
+    # True when an Idempotency-Key led back to a batch stored by an earlier request.
+    replayed: bool = False
+
+
+class TooManyInProgress(Exception):
+    """The tenant already has as many items waiting as it may."""
+
+
+class KeyReused(Exception):
+    """An Idempotency-Key sent again with a different body."""
+
+
+class KeyTaken(Exception):
+    """An Idempotency-Key that a concurrent request has just tied to its own batch."""
+
+
+def reserve_capacity(session: Session, tenant_id: uuid.UUID, items: int, limit: int) -> None:
+    """Refuse a batch that would take the tenant's unprocessed items past ``limit``.
+
+    The tenant row is locked until the caller's transaction ends, so concurrent submissions of one tenant
+    are counted one after the other and cannot overshoot together. A batch is always accepted when the
+    tenant has nothing in progress, so a limit below the batch size cannot block a tenant for good.
+    """
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    in_progress = session.scalar(
+        select(func.coalesce(func.sum(Batch.total - Batch.processed), 0)).where(
+            Batch.tenant_id == tenant_id, Batch.status.in_((BatchStatus.QUEUED, BatchStatus.RUNNING))
+        )
+    )
+    if in_progress and in_progress + items > limit:
+        raise TooManyInProgress
+
+
+def replay(session: Session, tenant_id: uuid.UUID, key: str, fingerprint: str) -> Submission | None:
+    """The batch an earlier request with this key stored, or None if the key is unknown or expired."""
+    earlier = session.execute(
+        select(IdempotencyKey.fingerprint, Batch.id, Batch.total)
+        .join(Batch, Batch.id == IdempotencyKey.batch_id)
+        .where(
+            IdempotencyKey.tenant_id == tenant_id,
+            IdempotencyKey.key == key,
+            IdempotencyKey.created_at >= utcnow() - IDEMPOTENCY_KEY_TTL,
+        )
+    ).one_or_none()
+    if earlier is None:
+        return None
+    if earlier.fingerprint != fingerprint:
+        raise KeyReused
+    return Submission(batch_id=earlier.id, total=earlier.total, chunk_ids=[], replayed=True)
+
+
+def claim_key(
+    session: Session, tenant_id: uuid.UUID, key: str, fingerprint: str, batch_id: uuid.UUID
+) -> None:
+    """Tie the key to the batch being stored; KeyTaken if a live earlier request holds it.
+
+    A concurrent request with the same key waits here on the other's uncommitted row, and then sees it:
+    two retries racing each other store one batch between them. An expired key is taken over.
+    """
+    now = utcnow()
+    dialect = postgresql if is_postgresql(session) else sqlite
+    statement = dialect.insert(IdempotencyKey).values(
+        tenant_id=tenant_id, key=key, fingerprint=fingerprint, batch_id=batch_id, created_at=now
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[IdempotencyKey.tenant_id, IdempotencyKey.key],
+        set_={
+            "fingerprint": statement.excluded.fingerprint,
+            "batch_id": statement.excluded.batch_id,
+            "created_at": statement.excluded.created_at,
+        },
+        where=IdempotencyKey.created_at < now - IDEMPOTENCY_KEY_TTL,
+    ).returning(IdempotencyKey.batch_id)
+    if session.execute(statement).first() is None:
+        raise KeyTaken
+
+
+def purge_expired_keys(session: Session) -> int:
+    """Forget the Idempotency-Keys older than their time to live."""
+    expired = delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - IDEMPOTENCY_KEY_TTL)
+    return cast("CursorResult[Any]", session.execute(expired)).rowcount
 
 
 def submit_batch(

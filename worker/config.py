@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=10.0, gt=0)
     # Attempts after which a chunk that keeps failing is given up and its items marked UNPROCESSED.
     max_chunk_attempts: int = Field(default=5, ge=1)
+    # Items a tenant may have accepted but not yet processed; past it batch-create answers 429.
+    max_items_in_progress: int = Field(default=200_000, ge=1)
     token_ttl_seconds: int = 3600
     max_prefer_wait_seconds: int = 60
 

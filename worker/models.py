@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -64,6 +65,13 @@ class Batch(Base):
     __tablename__ = "batches"
     __table_args__ = (
         Index("ix_batches_tenant_submitted", "tenant_id", "submitted_at"),
+        # The backpressure check sums the tenant's unfinished batches on every submission.
+        Index(
+            "ix_batches_tenant_in_progress",
+            "tenant_id",
+            postgresql_where=text("status IN ('QUEUED', 'RUNNING')"),
+            sqlite_where=text("status IN ('QUEUED', 'RUNNING')"),
+        ),
         CheckConstraint("status IN ('QUEUED', 'RUNNING', 'COMPLETED', 'FAILED')", name="ck_batches_status"),
     )
 
@@ -115,3 +123,17 @@ class ItemResult(Base):
     code: Mapped[str | None] = mapped_column(String)
     customer_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` a tenant sent with a batch, kept so that a retried request finds its batch."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created", "created_at"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the request body: the same key with another body is a client error, not a retry.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
