@@ -5,6 +5,7 @@ Items themselves are not looked at here; the workers validate them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jiter
@@ -13,6 +14,11 @@ from fastapi import Request
 from api_stub.errors import ApiError
 
 JSON_MEDIA_TYPE = "application/json"
+# A customer is one object of some 30 scalar fields. Allowing 100 JSON values per item leaves room for
+# unknown keys, yet keeps the parsed form of any body small: 60 MiB of `[]` would otherwise become 20
+# million Python lists (about 2 GB) before a single item is looked at.
+VALUES_PER_ITEM = 100
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def check_content_type(request: Request) -> None:
@@ -44,6 +50,9 @@ def parse_items(body: bytes, max_items: int) -> list[Any]:
     """
     if not body.strip():
         raise ApiError(422, "Request body cannot be empty")
+    max_values = max_items * VALUES_PER_ITEM
+    if _more_values_than(body, max_values):
+        raise ApiError(413, f"Request body must not hold more than {max_values} JSON values")
     try:
         document = jiter.from_json(body, float_mode="lossless-float", catch_duplicate_keys=True)
     except ValueError:
@@ -55,3 +64,17 @@ def parse_items(body: bytes, max_items: int) -> list[Any]:
     if len(document) > max_items:
         raise ApiError(422, f"Array must contain at most {max_items} items")
     return document
+
+
+def _more_values_than(body: bytes, limit: int) -> bool:
+    """Whether the body holds more than ``limit`` JSON values, decided without parsing it.
+
+    Every value opens a container or follows a ',' or ':'. Counting those bytes is fast and can only
+    overcount (strings may contain them too), so only a body that looks too big is counted again with
+    its strings blanked out.
+    """
+
+    def structural(text: bytes) -> int:
+        return sum(text.count(byte) for byte in (b",", b":", b"[", b"{")) + 1
+
+    return structural(body) > limit and structural(_JSON_STRING.sub(b'""', body)) > limit

@@ -36,7 +36,22 @@ def test_empty_body_is_422(tenant: Tenant) -> None:
     assert r.json() == error_body(422, "Request body cannot be empty")
 
 
-@pytest.mark.parametrize("raw", ["[{", "{'code': 'x'}", "[1,]", "nope", '[{"code": "A"}] trailing', "\xff"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[{",
+        "{'code': 'x'}",
+        "[1,]",
+        "nope",
+        '[{"code": "A"}] trailing',
+        "\xff",
+        # I-JSON (RFC 7493): which of two values for one key the client meant cannot be known.
+        '[{"code": "A", "name": "first", "name": "second"}]',
+        '[{"code": "A", "x": {"y": 1, "y": 2}}]',
+        "[" * 300 + "]" * 300,
+        "[" + "9" * 5000 + "]",
+    ],
+)
 def test_invalid_json_is_400(tenant: Tenant, raw: str) -> None:
     r = post_batch(tenant.client, raw=raw.encode("latin-1"))
     assert r.status_code == 400
@@ -63,6 +78,19 @@ def test_more_than_10000_items_is_422(tenant: Tenant) -> None:
     listed = tenant.client.get("/v1/customers/batches")
     assert listed.status_code == 200
     assert listed.json()["batches"] == [], "a refused request must not leave a batch behind"
+
+
+def test_a_body_of_millions_of_tiny_values_is_413(tenant: Tenant) -> None:
+    """Far below the byte limit, yet its parsed form would take gigabytes: refused before parsing."""
+    r = post_batch(tenant.client, raw='[{"code": "A", "x": [' + ",".join(["[]"] * 2_000_000) + "]}]")
+    assert r.status_code == 413
+    assert r.json() == error_body(413, "Request body must not hold more than 1000000 JSON values")
+
+
+def test_many_separators_inside_strings_are_not_values(tenant: Tenant) -> None:
+    observations = ", : [ {" * 60
+    r = post_batch(tenant.client, [{"code": unique_code("SEP"), "observations": observations}] * 5000)
+    assert r.status_code == 202, r.text
 
 
 @pytest.fixture
