@@ -36,6 +36,9 @@ BatchStatusFilter = Literal["QUEUED", "RUNNING", "COMPLETED", "FAILED"]
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d+)\"?\s*(?=$|[,;])", re.IGNORECASE)
 # While a batch runs, pollers are asked to come back after this many seconds.
 RETRY_AFTER_SECONDS = 1
+# Parsing and storing a batch costs a few times its size in memory and a core while it lasts: a few at a
+# time keep a burst of large bodies within bounds, and the others wait their turn with their bytes read.
+STORES_AT_ONCE = 4
 # A tenant over its in-progress limit is asked to come back after this many seconds: about the time the
 # workers of a small deployment need to work off one full batch.
 BACKPRESSURE_RETRY_AFTER_SECONDS = 5
@@ -110,6 +113,7 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
     """The batch endpoints of one contract; the pipeline behind them is the same for every contract."""
     routes = APIRouter(prefix=prefix)
     not_found = f"{noun} not found"
+    storing = asyncio.Semaphore(STORES_AT_ONCE)
 
     item_schema = contract.model.model_json_schema()
     body_schema = {
@@ -140,7 +144,8 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
         check_content_type(request)
         key = _idempotency_key(request)
         body = await read_body(request, settings.max_body_bytes)
-        submission = await run_in_threadpool(_store, body, tenant_id, key)
+        async with storing:
+            submission = await run_in_threadpool(_store, body, tenant_id, key)
         if submission.chunk_ids:
             await run_in_threadpool(_enqueue, submission.chunk_ids)
         replayed = {"Idempotent-Replayed": "true"} if submission.replayed else {}
