@@ -10,8 +10,8 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import MAX_EMAX, MIN_EMIN, Context, InvalidOperation
 from decimal import Decimal as PyDecimal
-from decimal import InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import (
@@ -50,7 +50,8 @@ DECIMAL_NOT_FINITE = "Field must be a valid decimal number"
 # PostgreSQL text cannot hold NUL; refusing it here keeps one bad item from failing its whole chunk.
 INVALID_CHARACTERS = "Field must not contain NUL characters"
 
-_PLAIN_DECIMAL = re.compile(r"[+-]?\d+(?:\.\d+)?")
+# ASCII digits only: `\d` would also take Arabic-Indic or full-width digits, which Decimal() reads as well.
+_PLAIN_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
 _NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
 ItemErrors = list[dict[str, str]]
@@ -130,20 +131,24 @@ class Decimal:
             raise PydanticCustomError("decimal_format", DECIMAL_FORMAT) from None
         if not number.is_finite():
             raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
-        # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2).
-        _, digits, exponent = number.normalize().as_tuple() if number else (0, (0,), 0)
-        assert isinstance(exponent, int)
-        integer_digits = max(len(digits) + exponent, 0) if any(digits) else 0
+        # Only context-free operations until the number is known to fit: normalize() and friends round to
+        # the context's 28 digits (1.000…0001 would pass as 1) and overflow past its exponent range.
+        integer_digits = max(number.adjusted() + 1, 0) if number else 0
         max_integer_digits = self.precision - self.scale
         if integer_digits > max_integer_digits:
             raise PydanticCustomError(
                 "decimal_integer_digits", f"Field exceeds maximum of {max_integer_digits} integer digits"
             )
-        if -exponent > self.scale:
+        # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale within
+        # the column's precision is exact for such a number, and changes any other. The rounded form is
+        # what is stored: the same value, without the thousands of zeros or the exponent it came with.
+        column = Context(prec=self.precision, Emax=MAX_EMAX, Emin=MIN_EMIN)
+        exact = number.quantize(PyDecimal(1).scaleb(-self.scale), context=column)
+        if exact != number:
             raise PydanticCustomError(
                 "decimal_places", f"Field exceeds maximum of {self.scale} decimal places"
             )
-        return number
+        return exact
 
     def column(self) -> Column[Any]:
         return Column(self.name, StoredDecimal(self.precision, self.scale))
@@ -207,6 +212,7 @@ class Contract:
     model: type[BaseModel] = field(init=False)
     table: Table = field(init=False)
     _position: dict[str, int] = field(init=False)
+    _key_length: int = field(init=False)
 
     def __post_init__(self) -> None:
         definitions: dict[str, Any] = {}
@@ -217,6 +223,9 @@ class Contract:
             f"{self.name.title()}Item", __config__=ConfigDict(extra="forbid"), **definitions
         )
         self._position = {spec.name: i for i, spec in enumerate(self.fields)}
+        (key_spec,) = [spec for spec in self.fields if spec.name == self.key]
+        assert isinstance(key_spec, Text), "the key of a contract is a text field"
+        self._key_length = key_spec.max_length
         checks = [spec.check(self.table_name) for spec in self.fields if isinstance(spec, Choice)]
         self.table = Table(
             self.table_name,
@@ -253,9 +262,14 @@ class Contract:
         return sorted(errors, key=lambda e: self._position.get(e.get("field", ""), last))
 
     def key_of(self, item: Any) -> str | None:
-        """The item's uniqueness key when it is a usable string; the receiver uses it for duplicate facts."""
+        """The item's uniqueness key when the key field could accept it; the receiver uses it for duplicate
+        facts and the worker stores it with the item's result.
+
+        A key the field refuses anyway (too long, or holding NUL, which PostgreSQL text cannot store and
+        which would fail the whole chunk) is no key: such an item fails on its key whatever else it repeats.
+        """
         if isinstance(item, dict):
             value = item.get(self.key)
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and 0 < len(value) <= self._key_length and "\x00" not in value:
                 return value
         return None
