@@ -44,9 +44,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_items(body: bytes, max_items: int) -> list[Any]:
     """The array of items, with numbers kept as their exact text (never rounded through a float).
 
-    The body must be I-JSON (RFC 7493): valid UTF-8 and no object with the same key twice, since which of two
-    values a client meant cannot be known. Nesting deeper than 200 levels and integers of more than about
-    4,300 digits are refused too: no customer field needs them, and they would only cost memory and time.
+    The body must be I-JSON (RFC 7493): valid UTF-8, no NaN or Infinity (not JSON at all), and no object
+    with the same key twice, since which of two values a client meant cannot be known. Nesting deeper than
+    200 levels and integers of more than about 4,300 digits are refused too: no customer field needs them,
+    and they would only cost memory and time.
     """
     if not body.strip():
         raise ApiError(422, "Request body cannot be empty")
@@ -54,7 +55,9 @@ def parse_items(body: bytes, max_items: int) -> list[Any]:
     if _more_values_than(body, max_values):
         raise ApiError(413, f"Request body must not hold more than {max_values} JSON values")
     try:
-        document = jiter.from_json(body, float_mode="lossless-float", catch_duplicate_keys=True)
+        document = jiter.from_json(
+            body, float_mode="lossless-float", catch_duplicate_keys=True, allow_inf_nan=False
+        )
     except ValueError:
         raise ApiError(400, "Invalid JSON in request body") from None
     if not isinstance(document, list):

@@ -29,10 +29,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def build_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    # hide_parameters: a failed statement's error must not carry customer data or secrets into the logs.
+    return create_engine(
+        url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800, hide_parameters=True
+    )
 
 
 def get_engine() -> Engine:
