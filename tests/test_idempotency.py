@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -150,3 +151,28 @@ def test_a_malformed_key_is_refused(tenant: Tenant, key: str) -> None:
             ],
         },
     )
+
+
+def test_expired_keys_are_purged_by_the_reconciler(
+    tenant: Tenant,
+    engine: sa.Engine,
+    db: Callable[..., list[Any]],
+    beat: Callable[..., object],
+) -> None:
+    live, old = str(uuid.uuid4()), str(uuid.uuid4())
+    for key in (live, old):
+        r = keyed(tenant.client, [{"code": f"P-{uuid.uuid4().hex[:8]}", "name": key}], key)
+        assert r.status_code == 202
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE idempotency_keys SET created_at = created_at - interval '25 hours' WHERE key = :k"
+            ),
+            {"k": old},
+        )
+    beat(CLIENTELA_RECONCILE_INTERVAL_SECONDS="1")
+    sql = "SELECT key FROM idempotency_keys WHERE tenant_id::text = :t"
+    deadline = time.monotonic() + 60
+    while len(db(sql, t=tenant.id)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [r[0] for r in db(sql, t=tenant.id)] == [live]

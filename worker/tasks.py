@@ -12,7 +12,9 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from worker.batches import purge_expired_keys
 from worker.config import get_settings
+from worker.db import session_scope
 from worker.ingest import process_chunk
 from worker.reconciler import overdue_chunks
 
@@ -61,10 +63,13 @@ def process_chunk_task(chunk_id: str) -> str:
 
 @app.task(name=RECONCILE)
 def reconcile_task() -> int:
+    """Hand out again the chunks whose lease ran out, and forget expired Idempotency-Keys."""
     chunk_ids = overdue_chunks(get_settings())
     if chunk_ids:
         log.info("reconciler re-enqueued %d overdue chunks", len(chunk_ids))
         enqueue_chunks(chunk_ids)
+    with session_scope() as session:
+        purge_expired_keys(session)
     return len(chunk_ids)
 
 
