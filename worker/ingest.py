@@ -8,18 +8,21 @@ retry starts clean. The attempt counter lives in a transaction of its own, so cr
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import jiter
-from sqlalchemy import case, select, update
+from sqlalchemy import case, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
-from worker.db import session_scope
+from worker.db import is_postgresql, session_scope
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
+from worker.reconciler import CHUNK_TRANSACTION
 from worker.storage import insert_new_records, write_results
 
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
@@ -29,7 +32,7 @@ def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
     """Process a chunk if it is still pending and nobody else holds it; say what happened."""
     if not _count_attempt(chunk_id, settings):
         return "skipped"
-    with session_scope() as session:
+    with _chunk_transaction(settings) as session:
         chunk = _lock_pending(session, chunk_id)
         if chunk is None:
             return "skipped"
@@ -49,7 +52,7 @@ def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
 
 def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
     """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
-    with session_scope() as session:
+    with _chunk_transaction(settings) as session:
         chunk = _lock_pending(session, chunk_id)
         if chunk is None:
             return False
@@ -62,6 +65,32 @@ def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
             .values(status=BatchStatus.RUNNING, started_at=now)
         )
         return True
+
+
+@contextmanager
+def _chunk_transaction(settings: Settings) -> Iterator[Session]:
+    """A transaction that cannot keep its chunk locked long after the chunk's lease.
+
+    A pool process killed by the task time limit leaves its backend running the current statement (a
+    backend notices a lost client only when it next writes to it, so one waiting on a lock waits on), and a
+    frozen worker leaves its transaction open. Either keeps the chunk row locked, and the reconciler skips
+    locked chunks, so the chunk would wait for as long as the statement or the freeze lasts. With these
+    timeouts PostgreSQL ends such a transaction a lease after its current statement began or it went idle
+    (the time limit, one second below the lease, still fires first on a worker that is alive); the name
+    lets the reconciler end the few a timeout cannot reach, such as one waiting for COPY data.
+    """
+    with session_scope() as session:
+        if is_postgresql(session):
+            limit = f"{settings.chunk_lease_seconds}s"
+            session.execute(
+                text(
+                    "SELECT set_config('statement_timeout', :limit, true), "
+                    "set_config('idle_in_transaction_session_timeout', :limit, true), "
+                    "set_config('application_name', :name, true)"
+                ),
+                {"limit": limit, "name": CHUNK_TRANSACTION},
+            )
+        yield session
 
 
 def _lock_pending(session: Session, chunk_id: uuid.UUID) -> Chunk | None:

@@ -7,21 +7,27 @@ that has ended, or that another worker holds, is skipped by the worker.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from worker.batches import utcnow
 from worker.config import Settings
-from worker.db import session_scope
+from worker.db import is_postgresql, session_scope
 from worker.models import Chunk, ChunkStatus
 
 PAGE = 1000
+# The application_name of a worker's chunk transactions, so that stale ones can be told apart.
+CHUNK_TRANSACTION = "clientela-chunk"
+
+log = logging.getLogger(__name__)
 
 
 def overdue_chunks(settings: Settings) -> list[uuid.UUID]:
     """Take the chunks whose lease has run out and lease them again; the caller enqueues them."""
+    _end_stale_chunk_transactions(settings)
     now = utcnow()
     with session_scope() as session:
         chunk_ids = list(
@@ -40,3 +46,28 @@ def overdue_chunks(settings: Settings) -> list[uuid.UUID]:
                 .values(available_at=now + timedelta(seconds=settings.chunk_lease_seconds))
             )
     return chunk_ids
+
+
+def _end_stale_chunk_transactions(settings: Settings) -> None:
+    """Terminate the chunk transactions open for two leases, which keep their chunks locked.
+
+    By then the task time limit has ended the attempt of any live worker, so such a transaction belongs to a
+    worker that is frozen or gone, in a state its own timeouts cannot reach (waiting for the COPY data of a
+    frozen client, say). Terminating it releases the chunk for the next pass; if that worker thaws, its
+    commit fails, so the chunk is written once.
+    """
+    with session_scope() as session:
+        if not is_postgresql(session):
+            return
+        stale = session.scalars(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND usename = current_user AND application_name = :name "
+                "AND xact_start < now() - make_interval(secs => :age)"
+            ),
+            {"name": CHUNK_TRANSACTION, "age": 2 * settings.chunk_lease_seconds},
+        ).all()
+        for pid in stale:
+            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    if stale:
+        log.warning("ended %d chunk transactions older than two leases", len(stale))
