@@ -80,7 +80,9 @@ def reserve_capacity(session: Session, tenant_id: uuid.UUID, items: int, limit: 
     are counted one after the other and cannot overshoot together. A batch is always accepted when the
     tenant has nothing in progress, so a limit below the batch size cannot block a tenant for good.
     """
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    # FOR NO KEY UPDATE: it serializes submissions, yet does not wait for the chunk transactions, whose
+    # customer inserts hold the tenant row's key-share lock through their foreign key.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     in_progress = session.scalar(
         select(func.coalesce(func.sum(Batch.total - Batch.processed), 0)).where(
             Batch.tenant_id == tenant_id, Batch.status.in_((BatchStatus.QUEUED, BatchStatus.RUNNING))
