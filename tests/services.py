@@ -192,8 +192,6 @@ class PostgresServer:
                 "-c",
                 "fsync=off",
                 "-c",
-                "synchronous_commit=off",
-                "-c",
                 "full_page_writes=off",
                 "-c",
                 "max_connections=200",
@@ -242,6 +240,20 @@ class PostgresServer:
             # SIGINT is PostgreSQL's "fast" shutdown; SIGKILL after the grace period.
             _terminate(self.proc, signal.SIGINT, grace=30, group=True)
             self.proc = None
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend quits at once, as in a crash; `launch` starts again."""
+        assert self.proc is not None
+        subprocess.run(
+            [str(postgres_bindir() / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "immediate", "-w"],
+            capture_output=True,
+            check=True,
+            timeout=90,
+            cwd="/",
+            **self._as_owner(),  # type: ignore[arg-type]
+        )
+        self.proc.wait(timeout=30)
+        self.proc = None
 
 
 @dataclass
