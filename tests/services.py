@@ -263,6 +263,8 @@ class RedisServer:
     base: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    # When set, Redis requires it (AUTH); it is kept in a 0600 config file, never on a command line.
+    password: str | None = None
 
     @property
     def log(self) -> Path:
@@ -270,7 +272,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -279,10 +282,17 @@ class RedisServer:
         self.base.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port()
+        config: list[str] = []
+        if self.password:
+            path = self.base / "redis.conf"
+            path.write_text(f"requirepass {self.password}\n")
+            path.chmod(0o600)
+            config.append(str(path))
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
             [
                 binary,
+                *config,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -304,10 +314,10 @@ class RedisServer:
             LOG_FILES.append(("redis", self.log))
         self.wait_ready()
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, timeout: float = 5):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout)
 
     def wait_ready(self, timeout: float = 30) -> None:
         import redis

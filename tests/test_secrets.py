@@ -13,9 +13,6 @@ import binascii
 import contextlib
 import re
 import secrets
-import shutil
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -26,93 +23,20 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from tests.helpers import wait_for_batch
 from tests.report import figure
-from tests.services import LOG_FILES, Server, Workers, create_tenant, free_port, start_server, tail
+from tests.services import RedisServer, Server, Workers, create_tenant, start_server
 
 MONITOR_STOP = "secrets-test-monitor-stop"
 MAX_MONITOR_LINES = 200_000
 
 
 @dataclass
-class PasswordRedis:
-    """A throwaway redis-server that requires a password (RedisServer of tests.services has none)."""
-
-    base: Path
-    password: str
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.base / "redis.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def client(self, timeout: float = 5) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout)
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server not found")
-        self.base.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        # The password goes in a config file rather than on the command line, where `ps` would show it.
-        config = self.base / "redis.conf"
-        config.write_text(f"requirepass {self.password}\n")
-        config.chmod(0o600)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    str(config),
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.base),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        LOG_FILES.append(("secrets-redis", self.log))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"redis-server exited:\n{tail(self.log)}"
-            with contextlib.suppress(redis.RedisError):
-                if self.client().ping():
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"redis not ready after 30s\n{tail(self.log)}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@dataclass
 class Monitor:
     """Every command Redis executes, recorded by a MONITOR connection in a thread until told to stop."""
 
-    redis: PasswordRedis
+    redis: RedisServer
     lines: list[str] = field(default_factory=list)
     thread: threading.Thread | None = None
     failure: BaseException | None = None
@@ -165,7 +89,7 @@ def decoded_bodies(lines: list[str]) -> list[str]:
 
 @dataclass
 class Stack:
-    redis: PasswordRedis
+    redis: RedisServer
     server: Server
     workers: Workers
     logs: Path
@@ -174,7 +98,7 @@ class Stack:
 @pytest.fixture
 def stack(migrated: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     """Redis with a password, a receiver and one worker, with their own signing secret, logs in tmp_path."""
-    store = PasswordRedis(tmp_path / "redis", secrets.token_urlsafe(24))
+    store = RedisServer(tmp_path / "redis", password=secrets.token_urlsafe(24))
     started: list[Any] = [store]
     try:
         store.start()
