@@ -85,7 +85,7 @@ def reserve_capacity(session: Session, tenant_id: uuid.UUID, items: int, limit: 
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     in_progress = session.scalar(
         select(func.coalesce(func.sum(Batch.total - Batch.processed), 0)).where(
-            Batch.tenant_id == tenant_id, Batch.status.in_((BatchStatus.QUEUED, BatchStatus.RUNNING))
+            Batch.tenant_id == tenant_id, Batch.status.in_(BatchStatus.IN_PROGRESS)
         )
     )
     if in_progress and in_progress + items > limit:

@@ -35,6 +35,7 @@ class BatchStatus:
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     ENDED = (COMPLETED, FAILED)
+    IN_PROGRESS = (QUEUED, RUNNING)
     ALL = (QUEUED, RUNNING, COMPLETED, FAILED)
 
 
@@ -61,6 +62,9 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+_IN_PROGRESS = text("status IN ('QUEUED', 'RUNNING')")
+
+
 class Batch(Base):
     __tablename__ = "batches"
     __table_args__ = (
@@ -69,8 +73,8 @@ class Batch(Base):
         Index(
             "ix_batches_tenant_in_progress",
             "tenant_id",
-            postgresql_where=text("status IN ('QUEUED', 'RUNNING')"),
-            sqlite_where=text("status IN ('QUEUED', 'RUNNING')"),
+            postgresql_where=_IN_PROGRESS,
+            sqlite_where=_IN_PROGRESS,
         ),
         CheckConstraint("status IN ('QUEUED', 'RUNNING', 'COMPLETED', 'FAILED')", name="ck_batches_status"),
     )

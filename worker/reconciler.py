@@ -59,15 +59,13 @@ def _end_stale_chunk_transactions(settings: Settings) -> None:
     with session_scope() as session:
         if not is_postgresql(session):
             return
-        stale = session.scalars(
+        ended = session.scalar(
             text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND usename = current_user AND application_name = :name "
-                "AND xact_start < now() - make_interval(secs => :age)"
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND usename = current_user "
+                "AND application_name = :name AND xact_start < now() - make_interval(secs => :age)"
             ),
             {"name": CHUNK_TRANSACTION, "age": 2 * settings.chunk_lease_seconds},
-        ).all()
-        for pid in stale:
-            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-    if stale:
-        log.warning("ended %d chunk transactions older than two leases", len(stale))
+        )
+    if ended:
+        log.warning("ended %d chunk transactions older than two leases", ended)
