@@ -378,7 +378,7 @@ def test_decimals_beyond_any_context(value: Any, message: str | None) -> None:
 
 
 def as_json(items: list[Any]) -> bytes:
-    """JSON with every number (also ints past 64 bits and decimals) written as its exact text."""
+    """JSON with every number (also ints past 64 bits and finite decimals) written as its exact text."""
 
     def exact(value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -389,7 +389,11 @@ def as_json(items: list[Any]) -> bytes:
             return {k: exact(v) for k, v in value.items()}
         return value
 
-    return orjson.dumps(exact(items), default=lambda d: orjson.Fragment(str(d)))
+    def decimal(d: Decimal) -> Any:
+        # NaN and Infinity are no JSON numbers: they go as the strings a client could send instead.
+        return orjson.Fragment(str(d)) if d.is_finite() else str(d)
+
+    return orjson.dumps(exact(items), default=decimal)
 
 
 def expected_results(generated: list[GeneratedItem]) -> list[dict[str, Any]]:
