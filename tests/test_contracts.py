@@ -18,10 +18,16 @@ def errors_of(item: Any) -> list[dict[str, str]]:
     return errors
 
 
-def one(field: str, raw_json: str) -> list[dict[str, str]]:
-    """Errors of a valid item whose ``field`` holds the given JSON value, parsed as the worker parses it."""
+# The worker reads numbers as lossless floats (their exact text); callers may also pass Decimals. The
+# validator must decide both the same way, so the value tests run with each.
+NUMBER_MODES = pytest.mark.parametrize("number_mode", ["lossless-float", "decimal"])
+
+
+def one(field: str, raw_json: str, number_mode: str) -> list[dict[str, str]]:
+    """Errors of a valid item whose ``field`` holds the given JSON value, its numbers read as asked."""
     item = jiter.from_json(
-        f'{{"code": "C1", "name": "N", "{field}": {raw_json}}}'.encode(), float_mode="decimal"
+        f'{{"code": "C1", "name": "N", "{field}": {raw_json}}}'.encode(),
+        float_mode=number_mode,  # type: ignore[arg-type]
     )
     return errors_of(item)
 
@@ -48,6 +54,13 @@ def test_registry_holds_the_customer_contract() -> None:
         ("quota", "12345678901234567.5", "Field exceeds maximum of 16 integer digits"),
         ("quota", "1e17", "Field exceeds maximum of 16 integer digits"),
         ("quota", "1.234", "Field exceeds maximum of 2 decimal places"),
+        ("quota", "0.001", "Field exceeds maximum of 2 decimal places"),
+        ("quota", "1.2300000000000000000000000000001", "Field exceeds maximum of 2 decimal places"),
+        ("quota", "99999999999999999", "Field exceeds maximum of 16 integer digits"),
+        ("quota", "99999999999999999.0", "Field exceeds maximum of 16 integer digits"),
+        ("quota", "-99999999999999999.0", "Field exceeds maximum of 16 integer digits"),
+        ("term", "1000.0", "Field exceeds maximum of 3 integer digits"),
+        ("term", "-1000", "Field exceeds maximum of 3 integer digits"),
         ("term", "30.5", "Field exceeds maximum of 0 decimal places"),
         ("term", "1000", "Field exceeds maximum of 3 integer digits"),
         ("discount", '"123456789.5"', "Field exceeds maximum of 8 integer digits"),
@@ -61,8 +74,9 @@ def test_registry_holds_the_customer_contract() -> None:
         ("colour", '"red"', "Unknown field"),
     ],
 )
-def test_each_message(field: str, raw: str, message: str) -> None:
-    assert one(field, raw) == [{"field": field, "message": message}]
+@NUMBER_MODES
+def test_each_message(field: str, raw: str, message: str, number_mode: str) -> None:
+    assert one(field, raw, number_mode) == [{"field": field, "message": message}]
 
 
 @pytest.mark.parametrize(
@@ -74,11 +88,19 @@ def test_each_message(field: str, raw: str, message: str) -> None:
         ("10.250", Decimal("10.250")),
         ("1e5", Decimal("1e5")),
         ("0.00", Decimal("0")),
+        ("-0.0", Decimal("0")),
+        ("9999999999999999", Decimal("9999999999999999")),
+        ("-9999999999999999.990", Decimal("-9999999999999999.99")),
+        ("0.10000000000000000000000000000000", Decimal("0.1")),
         ("null", None),
     ],
 )
-def test_decimals_keep_their_exact_value(raw: str, stored: Decimal | None) -> None:
-    item = jiter.from_json(f'{{"code": "C1", "name": "N", "quota": {raw}}}'.encode(), float_mode="decimal")
+@NUMBER_MODES
+def test_decimals_keep_their_exact_value(raw: str, stored: Decimal | None, number_mode: str) -> None:
+    item = jiter.from_json(
+        f'{{"code": "C1", "name": "N", "quota": {raw}}}'.encode(),
+        float_mode=number_mode,  # type: ignore[arg-type]
+    )
     values, errors = CUSTOMER.validate(item)
     assert errors == []
     assert values is not None

@@ -14,8 +14,8 @@ from decimal import MAX_EMAX, MIN_EMIN, Context, InvalidOperation
 from decimal import Decimal as PyDecimal
 from typing import Annotated, Any
 
+from jiter import LosslessFloat
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     PlainValidator,
@@ -28,7 +28,6 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
-    ForeignKey,
     Numeric,
     String,
     Table,
@@ -52,6 +51,8 @@ INVALID_CHARACTERS = "Field must not contain NUL characters"
 
 # ASCII digits only: `\d` would also take Arabic-Indic or full-width digits, which Decimal() reads as well.
 _PLAIN_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+# Anchored: pydantic-core searches for a pattern anywhere in the string.
+_NO_NUL = r"^[^\x00]*$"
 _NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
 ItemErrors = list[dict[str, str]]
@@ -93,10 +94,16 @@ class Text:
     required: bool = False
 
     def annotation(self) -> Any:
+        # The NUL check is a pattern so that pydantic-core runs it, not a Python call per string; it comes
+        # after the length checks, so a string both too long and holding NUL reports its length.
         constrained = Annotated[
             str,
-            StringConstraints(strict=True, min_length=1 if self.required else 0, max_length=self.max_length),
-            AfterValidator(_refuse_nul),
+            StringConstraints(
+                strict=True,
+                min_length=1 if self.required else 0,
+                max_length=self.max_length,
+                pattern=_NO_NUL,
+            ),
         ]
         return constrained if self.required else constrained | None
 
@@ -111,24 +118,45 @@ class Decimal:
     name: str
     precision: int
     scale: int
+    _quantum: PyDecimal = field(init=False, repr=False, compare=False)
+    _column: Context = field(init=False, repr=False, compare=False)
+    _int_limit: int = field(init=False, repr=False, compare=False)
+    _fits: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def annotation(self) -> Any:
         return Annotated[PyDecimal | None, PlainValidator(self.parse, json_schema_input_type=str | float)]
 
+    def __post_init__(self) -> None:
+        # Built once per field: this check runs for every decimal of every item.
+        object.__setattr__(self, "_quantum", PyDecimal(1).scaleb(-self.scale))
+        object.__setattr__(self, "_column", Context(prec=self.precision, Emax=MAX_EMAX, Emin=MIN_EMIN))
+        integer_digits = self.precision - self.scale
+        object.__setattr__(self, "_int_limit", 10**integer_digits)
+        # The everyday JSON number (`50000000.0`, `12.5`, `-3`) in a form that fits this column. Its text
+        # alone decides that, in one regex, without building a Decimal first; trailing zeros of the fraction
+        # do not count. Anything else (exponents, more digits) takes the exact path below.
+        whole = "0" if integer_digits == 0 else f"(?:0|[1-9][0-9]{{0,{integer_digits - 1}}})"
+        fits = re.compile(rf"-?{whole}(?:\.[0-9]{{0,{self.scale}}}0*)?")
+        object.__setattr__(self, "_fits", fits)
+
     def parse(self, value: Any) -> PyDecimal | None:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | str | PyDecimal):
+        if type(value) is LosslessFloat:
+            # A JSON number as the worker reads it: its exact text.
+            text = str(value)
+            if self._fits.fullmatch(text):
+                # PostgreSQL stores it at the column's scale, which drops only trailing zeros.
+                return PyDecimal(text)
+            number = PyDecimal(text)
+        elif type(value) is int and -self._int_limit < value < self._int_limit:
+            return PyDecimal(value)
+        elif type(value) is PyDecimal:
+            number = value
+        elif isinstance(value, bool) or not isinstance(value, int | str | PyDecimal):
             raise PydanticCustomError("decimal_type", DECIMAL_TYPE)
-        if isinstance(value, str):
-            if value.strip().lower() in _NOT_FINITE:
-                raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
-            if not _PLAIN_DECIMAL.fullmatch(value):
-                raise PydanticCustomError("decimal_format", DECIMAL_FORMAT)
-        try:
-            number = PyDecimal(value)
-        except InvalidOperation:
-            raise PydanticCustomError("decimal_format", DECIMAL_FORMAT) from None
+        else:
+            number = self._from_text_or_int(value)
         if not number.is_finite():
             raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
         # Only context-free operations until the number is known to fit: normalize() and friends round to
@@ -142,13 +170,24 @@ class Decimal:
         # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale within
         # the column's precision is exact for such a number, and changes any other. The rounded form is
         # what is stored: the same value, without the thousands of zeros or the exponent it came with.
-        column = Context(prec=self.precision, Emax=MAX_EMAX, Emin=MIN_EMIN)
-        exact = number.quantize(PyDecimal(1).scaleb(-self.scale), context=column)
+        exact = number.quantize(self._quantum, context=self._column)
         if exact != number:
             raise PydanticCustomError(
                 "decimal_places", f"Field exceeds maximum of {self.scale} decimal places"
             )
         return exact
+
+    @staticmethod
+    def _from_text_or_int(value: int | str | PyDecimal) -> PyDecimal:
+        if isinstance(value, str):
+            if value.strip().lower() in _NOT_FINITE:
+                raise PydanticCustomError("decimal_finite", DECIMAL_NOT_FINITE)
+            if not _PLAIN_DECIMAL.fullmatch(value):
+                raise PydanticCustomError("decimal_format", DECIMAL_FORMAT)
+        try:
+            return PyDecimal(value)
+        except InvalidOperation:
+            raise PydanticCustomError("decimal_format", DECIMAL_FORMAT) from None
 
     def column(self) -> Column[Any]:
         return Column(self.name, StoredDecimal(self.precision, self.scale))
@@ -181,12 +220,6 @@ class Choice:
 FieldSpec = Text | Decimal | Choice
 
 
-def _refuse_nul(value: str) -> str:
-    if "\x00" in value:
-        raise PydanticCustomError("nul_character", INVALID_CHARACTERS)
-    return value
-
-
 def _message(error: Any) -> str:
     """The contract's message for one pydantic error; our own validators already carry theirs."""
     kind = error["type"]
@@ -198,6 +231,8 @@ def _message(error: Any) -> str:
         return f"Field exceeds maximum length of {error['ctx']['max_length']} characters"
     if kind == "extra_forbidden":
         return UNKNOWN_FIELD
+    if kind == "string_pattern_mismatch":
+        return INVALID_CHARACTERS
     return str(error["msg"])
 
 
@@ -231,7 +266,8 @@ class Contract:
             self.table_name,
             Base.metadata,
             Column("id", Uuid, primary_key=True, default=uuid.uuid4),
-            Column("tenant_id", Uuid, ForeignKey("tenants.id"), nullable=False),
+            # No foreign key on PostgreSQL, for the cost of its per-row check (see migration 0003).
+            Column("tenant_id", Uuid, nullable=False),
             Column("batch_id", Uuid, nullable=False),
             Column("created_at", DateTime(timezone=True), nullable=False),
             *(spec.column() for spec in self.fields),
@@ -242,6 +278,11 @@ class Contract:
     @property
     def field_names(self) -> list[str]:
         return [spec.name for spec in self.fields]
+
+    @property
+    def copy_types(self) -> list[str]:
+        """The PostgreSQL type of each field, in table order, for binary COPY (varchar is sent as text)."""
+        return ["numeric" if isinstance(spec, Decimal) else "text" for spec in self.fields]
 
     def validate(self, item: Any) -> tuple[dict[str, Any] | None, ItemErrors]:
         """The item's stored values, or its errors: one per failing field, table order, unknown keys last."""
