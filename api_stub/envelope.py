@@ -6,9 +6,12 @@ Items themselves are not looked at here; the workers validate them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jiter
+import msgspec
 from fastapi import Request
 
 from api_stub.errors import ApiError
@@ -41,32 +44,63 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_items(body: bytes, max_items: int) -> list[Any]:
-    """The array of items, with numbers kept as their exact text (never rounded through a float).
+@dataclass(frozen=True)
+class Items:
+    """The array's elements exactly as the client wrote them, and the uniqueness key of each (``None`` for
+    an element without a key the key field could accept)."""
+
+    elements: list[msgspec.Raw]
+    keys: list[str | None]
+
+
+def parse_items(body: bytes, max_items: int, key_of: Callable[[Any], str | None]) -> Items:
+    """The array's elements, each kept byte for byte as sent, so numbers keep their exact text.
 
     The body must be I-JSON (RFC 7493): valid UTF-8, no NaN or Infinity (not JSON at all), and no object
     with the same key twice, since which of two values a client meant cannot be known. Nesting deeper than
-    200 levels and integers of more than about 4,300 digits are refused too: no customer field needs them,
-    and they would only cost memory and time.
+    about 250 levels and integers of more than about 4,300 digits are refused too: no customer field needs
+    them, and they would only cost memory and time.
+
+    The array is first split into its elements without building them (msgspec checks each one's syntax as
+    it skips it). Each element is then parsed on its own, for what the split does not check and for its
+    key, and dropped before the next: a 10,000-item body never becomes one tree of 300,000 Python objects,
+    which would cost its memory and, through the garbage collector, several times its parse time.
     """
     if not body.strip():
         raise ApiError(422, "Request body cannot be empty")
     max_values = max_items * VALUES_PER_ITEM
     if _more_values_than(body, max_values):
         raise ApiError(413, f"Request body must not hold more than {max_values} JSON values")
+    invalid = ApiError(400, "Invalid JSON in request body")
     try:
-        document = jiter.from_json(
-            body, float_mode="lossless-float", catch_duplicate_keys=True, allow_inf_nan=False
+        elements = _ARRAY_OF_ELEMENTS.decode(body)
+    except msgspec.ValidationError:
+        # Not an array, and maybe not JSON at all: the split stops at the first byte, a full parse tells.
+        _parse(body)
+        raise ApiError(422, "Request body must be a JSON array") from None
+    except (msgspec.DecodeError, RecursionError):
+        raise invalid from None
+    if not elements:
+        raise ApiError(422, "Array must contain at least 1 item")
+    if len(elements) > max_items:
+        raise ApiError(422, f"Array must contain at most {max_items} items")
+    return Items(elements, [key_of(_parse(bytes(element))) for element in elements])
+
+
+_ARRAY_OF_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _parse(document: bytes) -> Any:
+    try:
+        return jiter.from_json(
+            document,
+            float_mode="lossless-float",
+            catch_duplicate_keys=True,
+            allow_inf_nan=False,
+            cache_mode="keys",
         )
     except ValueError:
         raise ApiError(400, "Invalid JSON in request body") from None
-    if not isinstance(document, list):
-        raise ApiError(422, "Request body must be a JSON array")
-    if not document:
-        raise ApiError(422, "Array must contain at least 1 item")
-    if len(document) > max_items:
-        raise ApiError(422, f"Array must contain at most {max_items} items")
-    return document
 
 
 def _more_values_than(body: bytes, limit: int) -> bool:
@@ -78,6 +112,7 @@ def _more_values_than(body: bytes, limit: int) -> bool:
     """
 
     def structural(text: bytes) -> int:
-        return sum(text.count(byte) for byte in (b",", b":", b"[", b"{")) + 1
+        # One pass in C: the bytes that translate() deletes are the ones counted.
+        return len(text) - len(text.translate(None, b",:[{")) + 1
 
     return structural(body) > limit and structural(_JSON_STRING.sub(b'""', body)) > limit

@@ -193,10 +193,12 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
 
     def _store_new(body: bytes, tenant_id: uuid.UUID, key: tuple[str, str] | None) -> batches.Submission:
         settings = get_settings()
-        items = parse_items(body, settings.max_batch_items)
+        items = parse_items(body, settings.max_batch_items, contract.key_of)
         with session_scope() as session:
             try:
-                batches.reserve_capacity(session, tenant_id, len(items), settings.max_items_in_progress)
+                batches.reserve_capacity(
+                    session, tenant_id, len(items.elements), settings.max_items_in_progress
+                )
             except batches.TooManyInProgress:
                 raise ApiError(
                     429,
@@ -207,7 +209,8 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                 session,
                 tenant_id=tenant_id,
                 contract=contract,
-                items=items,
+                items=items.elements,
+                keys=items.keys,
                 chunk_size=settings.chunk_size,
                 lease_seconds=settings.chunk_lease_seconds,
             )
@@ -290,7 +293,9 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                         extra=batches.progress(batch),
                     )
                 statuses = None if status is None else [status]
-                entries = batches.results(session, batch.id, statuses=statuses, offset=offset, limit=limit)
+                entries = batches.results_json(
+                    session, batch.id, statuses=statuses, offset=offset, limit=limit
+                )
                 return JSONBody({**batches.summary(batch), "results": entries})
 
         return await run_in_threadpool(read)

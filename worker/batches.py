@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import CursorResult, delete, func, insert, select, tuple_
+from sqlalchemy import CursorResult, delete, func, insert, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from typing_extensions import Buffer
 
 from worker.contracts import Contract
 from worker.db import is_postgresql
@@ -23,33 +24,6 @@ IDEMPOTENCY_KEY_TTL = timedelta(hours=24)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _as_json_number(value: Any) -> orjson.Fragment:
-    """Write a number back exactly as it was read (jiter's LosslessFloat keeps the original text)."""
-    return orjson.Fragment(bytes(value))
-
-
-_JSON_INT_RANGE = range(-(2**63), 2**64)
-
-
-def _big_ints_as_text(value: Any) -> Any:
-    """orjson refuses integers beyond 64 bits; JSON does not, so such numbers are written as their text."""
-    if isinstance(value, int) and not isinstance(value, bool) and value not in _JSON_INT_RANGE:
-        return orjson.Fragment(str(value))
-    if isinstance(value, list):
-        return [_big_ints_as_text(element) for element in value]
-    if isinstance(value, dict):
-        return {key: _big_ints_as_text(element) for key, element in value.items()}
-    return value
-
-
-def compact_json(items: Sequence[Any]) -> bytes:
-    """Items as compact JSON with every number exactly as the client wrote it."""
-    try:
-        return orjson.dumps(items, default=_as_json_number)
-    except orjson.JSONEncodeError:
-        return orjson.dumps(_big_ints_as_text(items), default=_as_json_number)
 
 
 @dataclass(frozen=True)
@@ -80,8 +54,8 @@ def reserve_capacity(session: Session, tenant_id: uuid.UUID, items: int, limit: 
     are counted one after the other and cannot overshoot together. A batch is always accepted when the
     tenant has nothing in progress, so a limit below the batch size cannot block a tenant for good.
     """
-    # FOR NO KEY UPDATE: it serializes submissions, yet does not wait for the chunk transactions, whose
-    # customer inserts hold the tenant row's key-share lock through their foreign key.
+    # FOR NO KEY UPDATE: it serializes submissions, yet does not wait for anything that holds the tenant
+    # row's key-share lock (the foreign keys of new batches and Idempotency-Keys).
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     in_progress = session.scalar(
         select(func.coalesce(func.sum(Batch.total - Batch.processed), 0)).where(
@@ -147,14 +121,17 @@ def submit_batch(
     *,
     tenant_id: uuid.UUID,
     contract: Contract,
-    items: Sequence[Any],
+    items: Sequence[Buffer],
+    keys: Sequence[str | None],
     chunk_size: int,
     lease_seconds: int,
 ) -> Submission:
     """Store a batch, its chunks and the in-batch duplicate facts, in the caller's transaction.
 
-    The first item with a key owns it; every later item with the same key is recorded as its duplicate, so
-    the workers decide duplicates the same way whatever order the chunks run in.
+    ``items`` are the JSON texts of the items, as UTF-8, stored as they are (numbers keep their exact
+    text); ``keys`` the uniqueness key of each, or None. The first item with a key owns it; every later item
+    with the same key is recorded as its duplicate, so the workers decide duplicates the same way whatever
+    order the chunks run in.
     """
     now = utcnow()
     batch_id = uuid.uuid4()
@@ -163,8 +140,7 @@ def submit_batch(
     for seq, start in enumerate(range(0, len(items), chunk_size)):
         part = items[start : start + chunk_size]
         duplicates: dict[str, int] = {}
-        for position, item in enumerate(part):
-            key = contract.key_of(item)
+        for position, key in enumerate(keys[start : start + chunk_size]):
             if key is None:
                 continue
             first = first_index.setdefault(key, start + position)
@@ -177,7 +153,7 @@ def submit_batch(
                 "seq": seq,
                 "start_index": start,
                 "item_count": len(part),
-                "payload": compact_json(part),
+                "payload": (b"[" + b",".join(part) + b"]").decode(),
                 "duplicates": duplicates,
                 "available_at": now + timedelta(seconds=lease_seconds),
             }
@@ -268,6 +244,53 @@ def results(
             entry["errors"] = errors
         entries.append(entry)
     return entries
+
+
+# The entries of results() as JSON text, built by PostgreSQL next to the rows: a 10,000-item batch would
+# otherwise cost 10,000 rows decoded into Python objects (the errors parsed from JSON) only to be encoded
+# again. Each entry has the keys results() gives it, in the same order; errors are stored as compact JSON.
+_RESULTS_JSON = text(
+    """
+    SELECT '[' || coalesce(string_agg(entry, ',' ORDER BY idx), '') || ']'
+    FROM (
+        SELECT idx,
+            '{"index":' || idx || ',"status":' || to_json(status)::text
+            || CASE WHEN customer_id IS NULL THEN ''
+                ELSE ',"code":' || to_json(code)::text || ',"customerId":"' || customer_id || '"' END
+            || CASE WHEN errors IS NULL OR errors::text IN ('[]', 'null') THEN ''
+                ELSE ',"errors":' || errors::text END
+            || '}' AS entry
+        FROM item_results
+        WHERE batch_id = :batch_id AND (CAST(:statuses AS text[]) IS NULL OR status = ANY(:statuses))
+        ORDER BY idx
+        OFFSET :offset LIMIT :limit
+    ) AS page
+    """
+)
+
+
+def results_json(
+    session: Session,
+    batch_id: uuid.UUID,
+    *,
+    statuses: Sequence[str] | None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> orjson.Fragment:
+    """What results() gives, already serialized, for a response to embed as it is."""
+    if not is_postgresql(session):
+        entries = results(session, batch_id, statuses=statuses, offset=offset, limit=limit)
+        return orjson.Fragment(orjson.dumps(entries))
+    found = session.execute(
+        _RESULTS_JSON,
+        {
+            "batch_id": batch_id,
+            "statuses": None if statuses is None else list(statuses),
+            "offset": offset,
+            "limit": limit,
+        },
+    ).scalar_one()
+    return orjson.Fragment(found)
 
 
 def failed_items(session: Session, batch_id: uuid.UUID) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jiter
 from sqlalchemy import case, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from worker.batches import utcnow
 from worker.config import Settings
@@ -23,7 +23,7 @@ from worker.contracts import Contract, get_contract
 from worker.db import is_postgresql, session_scope
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
-from worker.storage import insert_new_records, write_results
+from worker.storage import store_outcomes, write_results
 
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
 
@@ -40,26 +40,35 @@ def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
         assert batch is not None
         contract = get_contract(batch.contract)
         if chunk.attempts > settings.max_chunk_attempts:
-            rows = _unprocessed(chunk)
+            write_results(session, _unprocessed(chunk))
+            created = 0
             chunk_status = ChunkStatus.FAILED
         else:
-            rows = _validate_and_insert(session, contract, batch, chunk)
+            created = _validate_and_store(session, contract, batch, chunk)
             chunk_status = ChunkStatus.DONE
-        write_results(session, rows)
-        _end_chunk(session, chunk, batch.id, chunk_status, rows)
+        _end_chunk(session, chunk, batch.id, chunk_status, created)
     return chunk_status.lower()
 
 
 def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
     """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
     with _chunk_transaction(settings) as session:
-        chunk = _lock_pending(session, chunk_id)
+        chunk = _lock_pending(session, chunk_id, with_payload=False)
         if chunk is None:
             return False
         now = utcnow()
-        chunk.attempts += 1
-        chunk.available_at = now + timedelta(seconds=settings.chunk_lease_seconds)
-        session.execute(
+        # Plain statements on the session's connection, here and in _end_chunk: the ORM's flush and its
+        # synchronizing of loaded objects cost more than the statements, for objects read no more.
+        connection = session.connection()
+        connection.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk.id)
+            .values(
+                attempts=Chunk.attempts + 1,
+                available_at=now + timedelta(seconds=settings.chunk_lease_seconds),
+            )
+        )
+        connection.execute(
             update(Batch)
             .where(Batch.id == chunk.batch_id, Batch.status == BatchStatus.QUEUED)
             .values(status=BatchStatus.RUNNING, started_at=now)
@@ -93,56 +102,52 @@ def _chunk_transaction(settings: Settings) -> Iterator[Session]:
         yield session
 
 
-def _lock_pending(session: Session, chunk_id: uuid.UUID) -> Chunk | None:
+def _lock_pending(session: Session, chunk_id: uuid.UUID, *, with_payload: bool = True) -> Chunk | None:
     # SKIP LOCKED: a second delivery of a chunk that another worker holds returns at once, not waits.
-    return session.scalars(
-        select(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.PENDING)
-        .with_for_update(skip_locked=True)
-    ).one_or_none()
+    query = select(Chunk).where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.PENDING)
+    if not with_payload:
+        # Counting an attempt needs none of the chunk's items, which are most of its bytes.
+        query = query.options(defer(Chunk.payload))
+    return session.scalars(query.with_for_update(skip_locked=True)).one_or_none()
 
 
-def _validate_and_insert(
-    session: Session, contract: Contract, batch: Batch, chunk: Chunk
-) -> list[dict[str, Any]]:
+def _validate_and_store(session: Session, contract: Contract, batch: Batch, chunk: Chunk) -> int:
+    """Validate the chunk's items and store what they came to; return how many records were created."""
     assert chunk.payload is not None
-    items = jiter.from_json(chunk.payload, float_mode="decimal")
-    rows: list[dict[str, Any]] = []
-    valid: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    # Lossless: each JSON number keeps its exact text, and the decimal fields read it from there.
+    items = jiter.from_json(chunk.payload.encode(), float_mode="lossless-float")
+    failed: list[dict[str, Any]] = []
+    valid: list[tuple[int, dict[str, Any]]] = []
     for position, item in enumerate(items):
         values, errors = contract.validate(item)
         first = chunk.duplicates.get(str(position))
         if first is not None and not any(error.get("field") == contract.key for error in errors):
             message = f"Duplicate {contract.key} in batch (first at index {first})"
             errors = contract.ordered([*errors, {"field": contract.key, "message": message}])
-        row = {
-            "batch_id": batch.id,
-            "idx": chunk.start_index + position,
-            "code": contract.key_of(item),
-            "customer_id": None,
-            "errors": errors or None,
-        }
-        rows.append(row)
+        idx = chunk.start_index + position
         if errors:
-            row["status"] = ItemStatus.FAILED
+            failed.append(
+                {
+                    "batch_id": batch.id,
+                    "idx": idx,
+                    "status": ItemStatus.FAILED,
+                    "code": contract.key_of(item),
+                    "customer_id": None,
+                    "errors": errors,
+                }
+            )
         else:
             assert values is not None
-            valid.append((row, values))
-    created = insert_new_records(
+            valid.append((idx, values))
+    return store_outcomes(
         session,
         contract,
         tenant_id=batch.tenant_id,
         batch_id=batch.id,
         now=utcnow(),
-        records=[values for _, values in valid],
+        failed=failed,
+        valid=valid,
     )
-    exists = [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
-    for row, values in valid:
-        new_id = created.get(values[contract.key])
-        row["status"] = ItemStatus.CREATED if new_id else ItemStatus.FAILED
-        row["customer_id"] = new_id
-        row["errors"] = None if new_id else exists
-    return rows
 
 
 def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:
@@ -159,26 +164,24 @@ def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:
     ]
 
 
-def _end_chunk(
-    session: Session, chunk: Chunk, batch_id: uuid.UUID, status: str, rows: list[dict[str, Any]]
-) -> None:
+def _end_chunk(session: Session, chunk: Chunk, batch_id: uuid.UUID, status: str, created: int) -> None:
     """Mark the chunk ended and count it into its batch; the last chunk to end closes the batch."""
     now = utcnow()
-    chunk.status = status
-    chunk.payload = None
-    chunk.ended_at = now
-    created = sum(1 for row in rows if row["status"] == ItemStatus.CREATED)
+    connection = session.connection()
+    connection.execute(
+        update(Chunk).where(Chunk.id == chunk.id).values(status=status, payload=None, ended_at=now)
+    )
     chunk_failed = 1 if status == ChunkStatus.FAILED else 0
     ended = Batch.chunks_ended + 1
     # The UPDATE takes the batch row's lock, so concurrent chunks of one batch count in turn and exactly
     # one of them sees the last chunk end.
-    session.execute(
+    connection.execute(
         update(Batch)
         .where(Batch.id == batch_id)
         .values(
-            processed=Batch.processed + len(rows),
+            processed=Batch.processed + chunk.item_count,
             created=Batch.created + created,
-            failed=Batch.failed + len(rows) - created,
+            failed=Batch.failed + chunk.item_count - created,
             chunks_ended=ended,
             chunks_failed=Batch.chunks_failed + chunk_failed,
             started_at=case((Batch.started_at.is_(None), now), else_=Batch.started_at),

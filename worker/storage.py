@@ -1,7 +1,8 @@
 """Set-wise writes: the one place where PostgreSQL and SQLite differ.
 
-PostgreSQL: COPY into a per-connection staging table, then one ``INSERT … SELECT … ON CONFLICT DO NOTHING
-RETURNING``. SQLite (embedded mode) has no COPY: a multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING``.
+PostgreSQL: records are COPied into a per-connection staging table, then one statement moves them with
+``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` and writes their results; the other results are COPied
+straight into their table. SQLite (embedded mode) has no COPY: multi-row ``INSERT`` statements instead.
 """
 
 from __future__ import annotations
@@ -11,67 +12,163 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from worker.contracts import Contract
 from worker.db import is_postgresql
-from worker.models import ItemResult
+from worker.models import ItemResult, ItemStatus
 
 
-def insert_new_records(
+def store_outcomes(
     session: Session,
     contract: Contract,
     *,
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
     now: datetime,
-    records: Sequence[dict[str, Any]],
-) -> dict[str, uuid.UUID]:
-    """Insert the records whose key the tenant does not have yet; map each inserted key to its new id."""
-    if not records:
-        return {}
+    failed: Sequence[dict[str, Any]],
+    valid: Sequence[tuple[int, dict[str, Any]]],
+) -> int:
+    """Store what a chunk's items came to; return how many records were created.
+
+    ``failed`` are the result rows of the items that failed validation. ``valid`` are (index, record)
+    pairs, each record holding the contract's fields in table order as its validator returns them: a
+    record is inserted unless the tenant already has its key, and its result says which happened.
+    """
+    write_results(session, failed)
+    if not valid:
+        return 0
+    if is_postgresql(session):
+        return _copy_then_insert(session, contract, tenant_id, batch_id, now, valid)
     rows = [
         {"id": uuid.uuid4(), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now, **record}
-        for record in records
+        for _, record in valid
     ]
-    if is_postgresql(session):
-        return _copy_then_insert(session, contract, rows)
     statement = (
         sqlite.insert(contract.table)
         .on_conflict_do_nothing(index_elements=["tenant_id", contract.key])
         .returning(contract.table.c[contract.key], contract.table.c.id)
     )
-    return {key: new_id for key, new_id in session.execute(statement, rows)}
+    created = {key: new_id for key, new_id in session.execute(statement, rows)}
+    write_results(
+        session,
+        [
+            {
+                "batch_id": batch_id,
+                "idx": idx,
+                "code": record[contract.key],
+                "customer_id": created.get(record[contract.key]),
+                "status": ItemStatus.CREATED if record[contract.key] in created else ItemStatus.FAILED,
+                "errors": None if record[contract.key] in created else key_exists(contract),
+            }
+            for idx, record in valid
+        ],
+    )
+    return len(created)
+
+
+def key_exists(contract: Contract) -> list[dict[str, str]]:
+    """The result errors of a valid record whose key the tenant already has."""
+    return [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
 
 
 def _copy_then_insert(
-    session: Session, contract: Contract, rows: list[dict[str, Any]]
-) -> dict[str, uuid.UUID]:
+    session: Session,
+    contract: Contract,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    now: datetime,
+    valid: Sequence[tuple[int, dict[str, Any]]],
+) -> int:
+    """COPY the records with their item indexes into a staging table; then ONE statement inserts the new
+    ones and writes every valid item's result from what the insert returned.
+
+    The database makes the ids and joins them to the results, so Python builds no id and no result row
+    for a valid item: per item it sends one COPY row, and nothing comes back but a count.
+    """
     table = contract.table.name
+    key = contract.key
     stage = f"stage_{table}"
-    columns = ["id", "tenant_id", "batch_id", "created_at", *contract.field_names]
-    column_list = ", ".join(columns)
+    fields = ", ".join(contract.field_names)
     raw = session.connection().connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
-        # A temporary table lives as long as the pooled connection; ON COMMIT DELETE ROWS empties it.
+        # Temporary, so it lasts as long as the pooled connection and ON COMMIT DELETE ROWS empties it; the
+        # record's columns with their types, the item's index, and no constraints (the insert checks them).
         cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+            f"SELECT 0 AS idx, {fields} FROM {table} WITH NO DATA"
         )
-        with cursor.copy(f"COPY {stage} ({column_list}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([row[name] for name in columns])
+        with cursor.copy(f"COPY {stage} (idx, {fields}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int4", *contract.copy_types])
+            for idx, record in valid:
+                copy.write_row((idx, *record.values()))
         # Key order: concurrent chunks of one tenant lock the unique index in the same order, no deadlock.
+        # Keys are unique within a chunk's valid records: a repeated key is an in-batch duplicate, invalid.
         cursor.execute(
-            f"INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {stage} ORDER BY {contract.key} "
-            f"ON CONFLICT (tenant_id, {contract.key}) DO NOTHING RETURNING {contract.key}, id"
+            f"""
+            WITH inserted AS (
+                INSERT INTO {table} (id, tenant_id, batch_id, created_at, {fields})
+                SELECT gen_random_uuid(), %(tenant)s, %(batch)s, %(now)s, {fields}
+                FROM {stage} ORDER BY {key}
+                ON CONFLICT (tenant_id, {key}) DO NOTHING
+                RETURNING {key}, id
+            ), results AS (
+                INSERT INTO {ItemResult.__tablename__} (batch_id, idx, status, code, customer_id, errors)
+                SELECT %(batch)s, s.idx,
+                    CASE WHEN i.id IS NULL THEN %(failed)s ELSE %(created)s END,
+                    s.{key}, i.id,
+                    CASE WHEN i.id IS NULL THEN CAST(%(exists)s AS json) END
+                FROM {stage} AS s LEFT JOIN inserted AS i ON i.{key} = s.{key}
+                RETURNING customer_id
+            )
+            SELECT count(customer_id) FROM results
+            """,
+            {
+                "tenant": tenant_id,
+                "batch": batch_id,
+                "now": now,
+                "created": ItemStatus.CREATED,
+                "failed": ItemStatus.FAILED,
+                "exists": orjson.dumps(key_exists(contract)).decode(),
+            },
         )
-        return {key: new_id for key, new_id in cursor.fetchall()}
+        found = cursor.fetchone()
+        assert found is not None
+        return int(found[0])
+
+
+_RESULT_COLUMNS = ("batch_id", "idx", "status", "code", "customer_id", "errors")
 
 
 def write_results(session: Session, results: Sequence[dict[str, Any]]) -> None:
-    """One row per item, in one multi-row statement."""
-    if results:
+    """One row per item, set-wise: a row-by-row INSERT would cost a round trip and a parse per item."""
+    if not results:
+        return
+    if not is_postgresql(session):
         session.execute(insert(ItemResult), list(results))
+        return
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    columns = ", ".join(_RESULT_COLUMNS)
+    with (
+        raw.cursor() as cursor,
+        cursor.copy(f"COPY {ItemResult.__tablename__} ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
+    ):
+        # The binary form of json is its UTF-8 text, which is what a text value is sent as.
+        copy.set_types(["uuid", "int4", "text", "text", "uuid", "text"])
+        for row in results:
+            errors = row["errors"]
+            copy.write_row(
+                (
+                    row["batch_id"],
+                    row["idx"],
+                    row["status"],
+                    row["code"],
+                    row["customer_id"],
+                    None if errors is None else orjson.dumps(errors).decode(),
+                )
+            )
