@@ -1,4 +1,4 @@
-"""The ``clientela`` command: migrate, serve, worker, beat, tenant create, on top of both packages."""
+"""The ``clientela`` command: migrate, serve, worker, beat, tenant create, bench, on top of both packages."""
 
 from __future__ import annotations
 
@@ -129,6 +129,29 @@ def tenant_create(name: str) -> None:
         typer.echo(f"tenant {name!r} already exists", err=True)
         raise typer.Exit(1) from None
     sys.stdout.write(orjson.dumps({"tenant": name, "subscriptionKey": key}).decode() + "\n")
+
+
+@cli.command()
+def bench(
+    batches: Annotated[int, typer.Option(min=1, help="Batches in the timed run.")] = 20,
+    items: Annotated[int, typer.Option(min=1, max=10_000, help="Items per batch.")] = 10_000,
+    processes: Annotated[int, typer.Option(min=1, help="Processes of the one worker host.")] = 2,
+    producers: Annotated[int, typer.Option(min=1, help="Threads submitting batches at once.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the generated customers: same seed, same batches.")] = 1,
+    json_line: Annotated[
+        bool, typer.Option("--json", help="Also print every figure as one JSON line.")
+    ] = False,
+) -> None:
+    """Measure a deployment end to end and print the figures next to their targets.
+
+    Runs its own receiver and worker host, on private PostgreSQL and Redis unless the URLs are set.
+    Point CLIENTELA_BROKER_URL at a Redis database that no other worker consumes.
+    """
+    _settings_or_exit()
+    from api_stub.bench import BenchOptions, run
+
+    options = BenchOptions(batches, items, processes, producers, seed, json_line)
+    raise typer.Exit(run(options))
 
 
 def main() -> None:

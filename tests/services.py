@@ -1,18 +1,18 @@
 """Private PostgreSQL, Redis and clientela processes for the test session.
 
 Everything here is started by the tests themselves, on free ports bound to 127.0.0.1, in temporary
-directories, and stopped by pid at the end. The machine's shared servers are never touched.
+directories, and stopped by pid at the end. The machine's shared servers are never touched. The servers
+themselves are `api_stub.local_services`' (``clientela bench`` runs them too); this module adds the
+suite's settings and log registry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +22,10 @@ from pathlib import Path
 
 import httpx
 
+from api_stub import local_services
+from api_stub.local_services import ServiceUnavailable, free_port, tail, terminate
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-class ServiceUnavailable(RuntimeError):
-    """A binary the tests need is not installed (skips locally, fails in CI)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clientela_bin() -> str:
@@ -46,305 +39,38 @@ def clientela_bin() -> str:
     return found
 
 
-def postgres_bindir() -> Path:
-    """Where initdb and postgres live: pg_config, then Debian's layout, then PATH."""
-    candidates: list[Path] = []
-    if shutil.which("pg_config"):
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            candidates.append(Path(out.stdout.strip()))
-    versions = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"),
-        key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
-        reverse=True,
-    )
-    candidates.extend(Path(p) for p in versions)
-    initdb = shutil.which("initdb")
-    if initdb:
-        candidates.append(Path(initdb).resolve().parent)
-    for c in candidates:
-        if (c / "initdb").exists() and (c / "postgres").exists():
-            return c
-    raise ServiceUnavailable("PostgreSQL server binaries (initdb, postgres) not found")
-
-
-def _terminate(proc: subprocess.Popen[bytes], sig: int, grace: float, group: bool) -> None:
-    """Signal a process we started (and its group when it leads one), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if group:
-            os.killpg(proc.pid, sig)
-        else:
-            os.kill(proc.pid, sig)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    if group:
-        # Children of the group (prefork pool) may outlive their parent for a moment.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 # Every log file of a process the session started, so that a failing test can show their tails.
 LOG_FILES: list[tuple[str, Path]] = []
 
 
-@dataclass
-class PostgresServer:
-    """A throwaway PostgreSQL cluster owned by this test session."""
+def register_log(name: str, path: Path) -> None:
+    """Show this log's tail when a test fails; a service started again keeps its one entry."""
+    if (name, path) not in LOG_FILES:
+        LOG_FILES.append((name, path))
 
-    base: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def datadir(self) -> Path:
-        return self.base / "data"
-
-    @property
-    def sockdir(self) -> Path:
-        return self.base / "sock"
-
-    @property
-    def log(self) -> Path:
-        return self.base / "postgres.log"
-
-    def _as_owner(self) -> dict[str, object]:
-        # PostgreSQL refuses to run as root: run it as the `postgres` user then.
-        if os.geteuid() != 0:
-            return {}
-        import pwd
-
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError as exc:
-            raise ServiceUnavailable("running as root and there is no `postgres` user") from exc
-        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-
-    def start(self) -> None:
-        bindir = postgres_bindir()
-        owner = self._as_owner()
-        self.base.mkdir(parents=True, exist_ok=True)
-        # The postgres user must traverse the session's temporary directory to reach its own.
-        for d in (self.base.parent, self.base):
-            d.chmod(0o755)
-        for d in (self.datadir, self.sockdir):
-            d.mkdir(exist_ok=True)
-            d.chmod(0o700)
-            if owner:
-                os.chown(d, int(owner["user"]), int(owner["group"]))  # type: ignore[call-overload]
-        with self.log.open("ab") as log:
-            subprocess.run(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(self.datadir),
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--no-locale",
-                    "--no-sync",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                check=True,
-                timeout=120,
-                cwd="/",
-                **owner,  # type: ignore[arg-type]
-            )
-        self.port = free_port()
-        self.launch()
-        LOG_FILES.append(("postgres", self.log))
-
-    def launch(self) -> None:
-        """Start the postmaster on the existing data directory (also used to restart it)."""
-        bindir = postgres_bindir()
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                str(bindir / "postgres"),
-                "-D",
-                str(self.datadir),
-                "-p",
-                str(self.port),
-                "-k",
-                str(self.sockdir),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-            **self._as_owner(),  # type: ignore[arg-type]
-        )
-        log.close()
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                with psycopg.connect(self.dsn("postgres"), connect_timeout=2):
-                    return
-            except psycopg.OperationalError as exc:
-                last = exc
-                time.sleep(0.2)
-        raise RuntimeError(f"postgres not ready after {timeout}s: {last}\n{tail(self.log)}")
-
-    def dsn(self, dbname: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
-
-    def url(self, dbname: str) -> str:
-        """SQLAlchemy URL, as CLIENTELA_DATABASE_URL expects it."""
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{dbname}"
-
-    def create_database(self, name: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            # SIGINT is PostgreSQL's "fast" shutdown; SIGKILL after the grace period.
-            _terminate(self.proc, signal.SIGINT, grace=30, group=True)
-            self.proc = None
-
-    def stop_immediate(self) -> None:
-        """`pg_ctl stop -m immediate`: every backend quits at once, as in a crash; `launch` starts again."""
-        assert self.proc is not None
-        subprocess.run(
-            [str(postgres_bindir() / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "immediate", "-w"],
-            capture_output=True,
-            check=True,
-            timeout=90,
-            cwd="/",
-            **self._as_owner(),  # type: ignore[arg-type]
-        )
-        self.proc.wait(timeout=30)
-        self.proc = None
+# Durability off: the session's cluster is thrown away, and the tests measure behaviour, not disks.
+TEST_POSTGRES_SETTINGS = {"fsync": "off", "full_page_writes": "off", "max_connections": "200"}
 
 
 @dataclass
-class RedisServer:
-    """A throwaway Redis owned by this test session (no persistence)."""
+class PostgresServer(local_services.PostgresServer):
+    """The session's throwaway PostgreSQL, tuned for tests, its log shown when a test fails."""
 
-    base: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    # When set, Redis requires it (AUTH); it is kept in a 0600 config file, never on a command line.
-    password: str | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.base / "redis.log"
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+    settings: dict[str, str] = field(default_factory=lambda: dict(TEST_POSTGRES_SETTINGS))
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ServiceUnavailable("redis-server not found")
-        self.base.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            self.port = free_port()
-        config: list[str] = []
-        if self.password:
-            path = self.base / "redis.conf"
-            path.write_text(f"requirepass {self.password}\n")
-            path.chmod(0o600)
-            config.append(str(path))
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                *config,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.base),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        if ("redis", self.log) not in LOG_FILES:
-            LOG_FILES.append(("redis", self.log))
-        self.wait_ready()
+        register_log("postgres", self.log)
+        super().start()
 
-    def client(self, timeout: float = 5):  # type: ignore[no-untyped-def]
-        import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout)
+@dataclass
+class RedisServer(local_services.RedisServer):
+    """A throwaway Redis of the tests, its log shown when a test fails."""
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        import redis
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                if self.client().ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.1)
-        raise RuntimeError(f"redis not ready after {timeout}s\n{tail(self.log)}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _terminate(self.proc, signal.SIGTERM, grace=15, group=True)
-            self.proc = None
-
-    def restart_empty(self) -> None:
-        """kill -9 this Redis (it keeps nothing on disk) and start it again on the same port."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc = None
-        self.start()
+    def start(self) -> None:
+        register_log("redis", self.log)
+        super().start()
 
 
 @dataclass
@@ -380,8 +106,7 @@ class ClientelaProcess:
             start_new_session=True,
         )
         log.close()
-        if (self.name, self.log) not in LOG_FILES:
-            LOG_FILES.append((self.name, self.log))
+        register_log(self.name, self.log)
 
     @property
     def running(self) -> bool:
@@ -390,7 +115,7 @@ class ClientelaProcess:
     def stop(self, sig: int = signal.SIGTERM, grace: float = 30) -> None:
         """Stop the process and its children (the prefork pool) by the group we started it in."""
         if self.proc is not None:
-            _terminate(self.proc, sig, grace=grace, group=True)
+            terminate(self.proc, sig, grace=grace, group=True)
             self.proc = None
 
     def kill(self) -> None:

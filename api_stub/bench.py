@@ -1,0 +1,983 @@
+"""``clientela bench``: measure a deployment end to end and print the figures next to their targets.
+
+The bench runs its own receiver and one worker host as subprocesses, on the PostgreSQL and Redis named by
+``CLIENTELA_DATABASE_URL`` and ``CLIENTELA_BROKER_URL`` (a Redis database no other worker consumes), or
+else on private ones it starts and stops. It
+submits generated batches over HTTP, waits until every batch has ended, proves that every result is the
+expected one, and measures in the same database the ceiling: a raw COPY of the same rows. Speed is printed,
+never asserted: the exit code says whether the run completed with the right results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import queue
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+import psycopg
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+
+from api_stub.local_services import PostgresServer, RedisServer, free_port, tail, terminate
+from worker.config import get_settings
+from worker.contracts.base import Decimal as DecimalField
+from worker.contracts.customer import CUSTOMER
+
+# Durable, as production is, with room for bulk loading: large WAL and rare checkpoints.
+BULK_LOAD_SETTINGS = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "shared_buffers": "256MB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "30min",
+    "max_connections": "100",
+}
+
+TARGET_ITEMS_PER_SECOND = 25_000
+TARGET_CEILING_SHARE = 0.40
+TARGET_POST_P99_MS = 250
+TARGET_STATUS_P99_MS = 150
+TARGET_WORKER_RSS_MB = 300
+# The POST and status targets are for batches of this size; smaller batches are measured but not judged.
+TARGET_BATCH_ITEMS = 10_000
+
+WARMUP_ITEMS = 100
+INVALID_SHARE = 0.05
+DUPLICATE_SHARE = 0.02
+EXISTING_PER_BATCH = 3
+STATUS_SAMPLES = 20
+POLL_SECONDS = 0.1
+RSS_SAMPLE_SECONDS = 0.2
+END_DEADLINE_SECONDS = 600
+READY_SECONDS = 90
+HTTP_TIMEOUT = 120
+BATCH_LIST_LIMIT = 500
+MB = 1_000_000
+
+COPY_COLUMNS = ["id", "tenant_id", "batch_id", "created_at", *CUSTOMER.field_names]
+COPY_TYPES = [
+    "uuid",
+    "uuid",
+    "uuid",
+    "timestamptz",
+    *("numeric" if isinstance(f, DecimalField) else "varchar" for f in CUSTOMER.fields),
+]
+
+
+class BenchError(RuntimeError):
+    """The run could not complete, or its results are not the expected ones."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    batches: int
+    items: int
+    processes: int
+    producers: int
+    seed: int
+    json_line: bool
+
+
+# ----- generated customers
+
+
+ItemErrors = list[dict[str, str]]
+
+CITIES = [
+    ("Bogotá", "Cundinamarca"),
+    ("Medellín", "Antioquia"),
+    ("Cali", "Valle del Cauca"),
+    ("Barranquilla", "Atlántico"),
+    ("Bucaramanga", "Santander"),
+    ("Pereira", "Risaralda"),
+    ("Cartagena", "Bolívar"),
+]
+TRADES = ["Distribuidora", "Comercializadora", "Ferretería", "Droguería", "Almacenes", "Importadora"]
+PLACES = ["Andina", "del Pacífico", "La Esperanza", "San José", "El Dorado", "Nueva Granada", "Caribe"]
+LEGAL_FORMS = ["S.A.S", "S.A.", "Ltda.", "& Cía. S. en C."]
+FIRST_NAMES = ["Juan", "María", "Carlos", "Ana", "Luis", "Paola", "Andrés", "Diana", "Jorge", "Camila"]
+LAST_NAMES = ["Pérez", "Gómez", "Rodríguez", "Martínez", "López", "García", "Hernández", "Díaz"]
+TYPES = ["DISTRIBUIDOR", "MAYORISTA", "MINORISTA", "INSTITUCIONAL"]
+PAYMENT_METHODS = ["CRÉDITO", "CONTADO", "TRANSFERENCIA"]
+ZONES = ["NORTE", "SUR", "CENTRO", "ORIENTE", "OCCIDENTE"]
+SEGMENTS = ["preferencial", "nuevo", "corporativo", "estacional"]
+TERMS = [0, 15, 30, 45, 60, 90]
+# Decimals arrive as JSON numbers and as strings, as ERPs send them.
+DISCOUNTS: list[float | str] = [0.0, 2.5, 5.0, 7.5, "2.50", "12.75"]
+
+
+def customer(rng: random.Random, code: str) -> dict[str, Any]:
+    """A full, valid customer of the reference contract with realistic values."""
+    city, region = rng.choice(CITIES)
+    trade = f"{rng.choice(TRADES)} {rng.choice(PLACES)}"
+    zone = rng.choice(ZONES)
+    domain = f"{code.lower()}.com.co"
+    quota_units = rng.randrange(10, 1000)
+    return {
+        "code": code,
+        "type": rng.choice(TYPES),
+        "name": f"{trade} {rng.choice(LEGAL_FORMS)}",
+        "contact": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
+        "phone": f"3{rng.randrange(10**9):09d}",
+        "address": f"Calle {rng.randrange(1, 200)} #{rng.randrange(1, 100)}-{rng.randrange(1, 100)} "
+        f"Oficina {rng.randrange(100, 999)}",
+        "city": city,
+        "quota": quota_units * 100_000.0,
+        "term": rng.choice(TERMS),
+        "payment_method": rng.choice(PAYMENT_METHODS),
+        "email": f"contacto@{domain}",
+        "email2": f"ventas@{domain}",
+        "country": "Colombia",
+        "region": region,
+        "price_list": f"LP-{rng.randrange(1, 6):03d}",
+        "location": f"LOC-{zone}",
+        "nit": f"{rng.randrange(800_000_000, 1_000_000_000)}-{rng.randrange(10)}",
+        "discount": rng.choice(DISCOUNTS),
+        "discount_list": rng.choice(["DESC-PREMIUM", "DESC-BASE", "DESC-MAYORISTA"]),
+        "observations": f"Cliente {rng.choice(SEGMENTS)} - Zona {zone.lower()}",
+        "name_est": f"{trade} Sede {city}",
+        "short_name": trade.split()[0][:4] + " " + trade.split()[-1],
+        "operation_center": f"CO-{rng.randrange(1, 20):03d}",
+        "block_sales": rng.choice("NNNNY"),
+        "commercial_discount": f"{rng.randrange(0, 500_000) / 100:.2f}",
+        "discount_base": rng.randrange(1, 100) * 10_000.0,
+        "withholding_base": rng.randrange(1, 100) * 5_000.0,
+        "withholding": f"{rng.randrange(0, 3_000_000) / 100:.2f}",
+        "corporate_client": f"CORP-{rng.randrange(1, 1000):03d}",
+        "iva_exempt": rng.choice("NNNY"),
+        "real_quota": rng.randrange(1, quota_units + 1) * 100_000.0,
+        "state": "Y",
+    }
+
+
+def _error(name: str, message: str) -> ItemErrors:
+    return [{"field": name, "message": message}]
+
+
+def _without_name(item: dict[str, Any]) -> ItemErrors:
+    del item["name"]
+    return _error("name", "Field is required")
+
+
+def _code_too_long(item: dict[str, Any]) -> ItemErrors:
+    item["code"] += "-SUCURSAL-NORTE"
+    return _error("code", "Field exceeds maximum length of 18 characters")
+
+
+def _comma_decimal(item: dict[str, Any]) -> ItemErrors:
+    item["discount"] = "1,5"
+    return _error("discount", "Field must be a valid decimal (e.g., 1.5, 10.25)")
+
+
+def _three_decimal_places(item: dict[str, Any]) -> ItemErrors:
+    item["quota"] = "1250.505"
+    return _error("quota", "Field exceeds maximum of 2 decimal places")
+
+
+def _flag_not_y_or_n(item: dict[str, Any]) -> ItemErrors:
+    item["block_sales"] = "X"
+    return _error("block_sales", "Value must be one of: Y, N")
+
+
+def _unknown_key(item: dict[str, Any]) -> ItemErrors:
+    item["vendedor"] = "Juan Pérez"
+    return _error("vendedor", "Unknown field")
+
+
+def _phone_as_number(item: dict[str, Any]) -> ItemErrors:
+    item["phone"] = 3001234567
+    return _error("phone", "Field must be a string")
+
+
+def _term_too_large(item: dict[str, Any]) -> ItemErrors:
+    item["term"] = 1000
+    return _error("term", "Field exceeds maximum of 3 integer digits")
+
+
+INVALIDATIONS: list[Callable[[dict[str, Any]], ItemErrors]] = [
+    _without_name,
+    _code_too_long,
+    _comma_decimal,
+    _three_decimal_places,
+    _flag_not_y_or_n,
+    _unknown_key,
+    _phone_as_number,
+    _term_too_large,
+]
+
+
+@dataclass
+class PlannedBatch:
+    """A batch serialized before the clock starts, and the outcome expected for each of its indexes."""
+
+    body: bytes
+    # The code of each index expected CREATED; None where the item is expected to fail.
+    codes: list[str | None]
+    failures: dict[int, ItemErrors]
+    batch_id: str = ""
+
+    @property
+    def total(self) -> int:
+        return len(self.codes)
+
+    @property
+    def created(self) -> int:
+        return self.total - len(self.failures)
+
+    def mismatches(self, body: dict[str, Any]) -> list[str]:
+        """How the ended batch's status answer differs from the expected outcome (empty when it does not)."""
+        problems = []
+        if body["status"] != "COMPLETED":
+            problems.append(f"status {body['status']}")
+        if (body["created"], body["failed"]) != (self.created, len(self.failures)):
+            problems.append(
+                f"created/failed {body['created']}/{body['failed']}, expected "
+                f"{self.created}/{len(self.failures)}"
+            )
+        results = body["results"]
+        if [r["index"] for r in results] != list(range(self.total)):
+            problems.append(f"{len(results)} results, not exactly one per index 0..{self.total - 1}")
+            return problems
+        for result in results:
+            index = result["index"]
+            expected = self.failures.get(index)
+            if expected is None:
+                if result["status"] != "CREATED" or result.get("code") != self.codes[index]:
+                    problems.append(f"index {index}: {result}, expected CREATED {self.codes[index]}")
+            elif result["status"] != "FAILED" or result.get("errors") != expected:
+                problems.append(f"index {index}: {result}, expected FAILED {expected}")
+        return problems
+
+    def rows(self, tenant_id: uuid.UUID) -> list[tuple[Any, ...]]:
+        """The customer rows the batch created, as the customers table holds them, for the COPY ceiling."""
+        items = orjson.loads(self.body)
+        batch_id = uuid.UUID(self.batch_id)
+        now = datetime.now(UTC)
+        rows = []
+        for index, code in enumerate(self.codes):
+            if code is None:
+                continue
+            item = items[index]
+            values = [
+                Decimal(str(item[f.name]))
+                if isinstance(f, DecimalField) and item.get(f.name) is not None
+                else item.get(f.name)
+                for f in CUSTOMER.fields
+            ]
+            rows.append((uuid.uuid4(), tenant_id, batch_id, now, *values))
+        return rows
+
+
+def plan_batch(rng: random.Random, prefix: str, size: int, existing: list[str], mixed: bool) -> PlannedBatch:
+    """`size` customers coded ``<prefix>-<index>``; when `mixed`, some invalid, some repeating an earlier
+    item's code (most of them in an earlier chunk) and a few reusing the `existing` codes."""
+    reuse = min(EXISTING_PER_BATCH, size // 10, len(existing)) if mixed else 0
+    reused_at = dict(zip(rng.sample(range(size), reuse), rng.sample(existing, reuse), strict=True))
+    items: list[dict[str, Any]] = []
+    codes: list[str | None] = []
+    failures: dict[int, ItemErrors] = {}
+    owners: list[int] = []
+    for index in range(size):
+        item = customer(rng, f"{prefix}-{index:05d}")
+        roll = rng.random() if mixed else 1.0
+        if index in reused_at:
+            item["code"] = reused_at[index]
+            failures[index] = _error("code", "Code already exists")
+        elif roll < INVALID_SHARE:
+            failures[index] = rng.choice(INVALIDATIONS)(item)
+        elif roll < INVALID_SHARE + DUPLICATE_SHARE and owners:
+            first = rng.choice(owners)
+            item["code"] = codes[first]
+            failures[index] = _error("code", f"Duplicate code in batch (first at index {first})")
+        else:
+            owners.append(index)
+        items.append(item)
+        codes.append(None if index in failures else item["code"])
+    return PlannedBatch(orjson.dumps(items), codes, failures)
+
+
+# ----- services and processes
+
+
+@dataclass
+class Services:
+    """The PostgreSQL and Redis the run uses, and a line telling the reader which they are."""
+
+    database_url: str
+    broker_url: str
+    secret_key: str
+    description: str
+
+    @property
+    def dsn(self) -> str:
+        return make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def services(workdir: Path, say: Callable[[str], None]) -> Iterator[Services]:
+    settings = get_settings()
+    if not settings.embedded:
+        database = make_url(settings.sqlalchemy_url)
+        if database.get_backend_name() != "postgresql":
+            raise BenchError("the bench needs PostgreSQL: CLIENTELA_DATABASE_URL names another database")
+        broker = make_url(settings.celery_broker_url)
+        yield Services(
+            settings.sqlalchemy_url,
+            settings.celery_broker_url,
+            settings.signing_key(),
+            f"given: PostgreSQL {database.host}:{database.port}/{database.database}, "
+            f"Redis {broker.host}:{broker.port}/{broker.database}",
+        )
+        return
+    say("starting private PostgreSQL and Redis")
+    postgres = PostgresServer(workdir / "postgres", settings=BULK_LOAD_SETTINGS)
+    redis = RedisServer(workdir / "redis")
+    try:
+        try:
+            postgres.start()
+            redis.start()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"cannot start private services: {exc}") from exc
+        postgres.create_database("clientela")
+        yield Services(
+            postgres.url("clientela"),
+            redis.url,
+            secrets.token_urlsafe(48),
+            f"private: PostgreSQL 127.0.0.1:{postgres.port}, Redis 127.0.0.1:{redis.port} "
+            "(started and stopped by the bench)",
+        )
+    finally:
+        redis.stop()
+        postgres.stop()
+
+
+def clientela_command() -> str:
+    """The `clientela` console script of this interpreter, so children run the same installation."""
+    beside = Path(sys.executable).parent / "clientela"
+    found = str(beside) if beside.exists() else shutil.which("clientela")
+    if found is None:
+        raise BenchError("the clientela console script is not installed")
+    return found
+
+
+def run_command(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    out = subprocess.run(
+        [clientela_command(), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=READY_SECONDS,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise BenchError(f"clientela {' '.join(args)} exited {out.returncode}:\n{out.stdout}{out.stderr}")
+    return out.stdout
+
+
+@dataclass
+class ChildProcess:
+    """A `clientela …` process the bench started, leading its own process group, its output in a log."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [clientela_command(), *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def check_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise BenchError(f"{self.name} exited ({code}):\n{tail(self.log, 30)}")
+
+    def stop(self, grace: float) -> None:
+        if self.proc is not None:
+            terminate(self.proc, signal.SIGTERM, grace=grace, group=True)
+            self.proc = None
+
+
+@dataclass
+class Deployment:
+    """The bench's own receiver and worker host, and an authenticated client of its tenant."""
+
+    base_url: str
+    headers: dict[str, str]
+    tenant: str
+    receiver: ChildProcess
+    worker: ChildProcess
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=HTTP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def deployment(
+    svc: Services, options: BenchOptions, workdir: Path, say: Callable[[str], None]
+) -> Iterator[Deployment]:
+    env = {
+        **os.environ,
+        "CLIENTELA_DATABASE_URL": svc.database_url,
+        "CLIENTELA_BROKER_URL": svc.broker_url,
+        "CLIENTELA_SECRET_KEY": svc.secret_key,
+        "PYTHONUNBUFFERED": "1",
+    }
+    say("migrating, creating a tenant, starting the receiver and the worker host")
+    run_command(["migrate"], env, workdir)
+    tenant = f"bench-{secrets.token_hex(4)}"
+    key = orjson.loads(run_command(["tenant", "create", tenant], env, workdir))["subscriptionKey"]
+    port = free_port()
+    receiver = ChildProcess("receiver", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, workdir)
+    worker = ChildProcess("worker", ["worker", "--concurrency", str(options.processes)], env, workdir)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        receiver.start()
+        worker.start()
+        _wait_ready(receiver, worker, base_url)
+        r = httpx.post(f"{base_url}/v1/token", headers={"Ocp-Apim-Subscription-Key": key}, timeout=30)
+        if r.status_code != 200:
+            raise BenchError(f"POST /v1/token answered {r.status_code}: {r.text[:300]}")
+        headers = {"Ocp-Apim-Subscription-Key": key, "Authorization": f"Bearer {r.json()['access_token']}"}
+        yield Deployment(base_url, headers, tenant, receiver, worker)
+    except BenchError as exc:
+        logs = "\n".join(f"--- last lines of {p.name}.log\n{tail(p.log, 30)}" for p in (receiver, worker))
+        raise BenchError(f"{exc}\n{logs}") from exc
+    finally:
+        # SIGTERM is Celery's warm shutdown: a chunk in flight finishes, queued ones stay queued.
+        worker.stop(grace=30)
+        receiver.stop(grace=15)
+
+
+def _wait_ready(receiver: ChildProcess, worker: ChildProcess, base_url: str) -> None:
+    """Until the receiver answers /readyz and the worker has logged Celery's "ready."."""
+    deadline = time.monotonic() + READY_SECONDS
+    receiver_ready = False
+    while time.monotonic() < deadline:
+        receiver.check_running()
+        worker.check_running()
+        if not receiver_ready:
+            with contextlib.suppress(httpx.HTTPError):
+                receiver_ready = httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+        if receiver_ready and "ready." in worker.log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise BenchError(f"receiver or worker not ready after {READY_SECONDS}s")
+
+
+# ----- measuring
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _peak_rss(process: psutil.Process) -> int:
+    """The process's peak resident set where the kernel keeps it (VmHWM), else its current one."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return int(process.memory_info().rss)
+
+
+@dataclass
+class RssSampler:
+    """The largest resident set any single process of the worker host (main or pool child) reached."""
+
+    pid: int
+    peak: int = 0
+    stopping: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            main = psutil.Process(self.pid)
+            for process in [main, *main.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    self.peak = max(self.peak, _peak_rss(process))
+
+    def _run(self) -> None:
+        while not self.stopping.wait(RSS_SAMPLE_SECONDS):
+            self.sample()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.sample()
+
+
+@dataclass
+class Submissions:
+    """What the producer threads share: the batches still to send, and what sending them measured."""
+
+    pending: queue.Queue[PlannedBatch]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    first_post: float = math.inf
+    accepted_seconds: list[float] = field(default_factory=list)
+    throttled: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def produce(deploy: Deployment, run: Submissions, deadline: float) -> None:
+    """POST batches until none is left; a 429 is retried after its Retry-After."""
+    headers = {"Content-Type": "application/json"}
+    with deploy.client() as client:
+        while True:
+            try:
+                batch = run.pending.get_nowait()
+            except queue.Empty:
+                return
+            while True:
+                wall, started = time.time(), time.perf_counter()
+                try:
+                    r = client.post("/v1/customers/batch-create", content=batch.body, headers=headers)
+                except httpx.HTTPError as exc:
+                    with run.lock:
+                        run.errors.append(f"POST: {exc!r}")
+                    return
+                seconds = time.perf_counter() - started
+                with run.lock:
+                    run.first_post = min(run.first_post, wall)
+                    if r.status_code == 429:
+                        run.throttled += 1
+                    elif r.status_code == 202:
+                        run.accepted_seconds.append(seconds)
+                    else:
+                        run.errors.append(f"POST answered {r.status_code}: {r.text[:300]}")
+                        return
+                if r.status_code == 202:
+                    batch.batch_id = str(r.json()["batchId"])
+                    break
+                if time.monotonic() > deadline:
+                    with run.lock:
+                        run.errors.append("still answered 429 at the deadline")
+                    return
+                time.sleep(float(r.headers.get("Retry-After", "1")))
+
+
+def batch_summaries(client: httpx.Client, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The tenant's batch summaries by id, paging until every wanted batch is seen or the list ends."""
+    found: dict[str, dict[str, Any]] = {}
+    params: dict[str, Any] = {"limit": BATCH_LIST_LIMIT}
+    while True:
+        r = client.get("/v1/customers/batches", params=params)
+        if r.status_code != 200:
+            raise BenchError(f"GET /v1/customers/batches answered {r.status_code}: {r.text[:300]}")
+        page = r.json()
+        found.update((b["batchId"], b) for b in page["batches"])
+        if wanted <= found.keys() or page["nextBefore"] is None:
+            return found
+        params["before"] = page["nextBefore"]
+
+
+def wait_until_ended(
+    client: httpx.Client, planned: list[PlannedBatch], run: Submissions, producers: list[threading.Thread]
+) -> tuple[float, float]:
+    """Poll the batch list until every batch is COMPLETED; return (latest completedAt, when that was seen)."""
+    deadline = time.monotonic() + END_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        with run.lock:
+            if run.errors:
+                raise BenchError("; ".join(run.errors[:5]))
+        sending = any(t.is_alive() for t in producers)
+        ids = {b.batch_id for b in planned if b.batch_id}
+        summaries = batch_summaries(client, ids)
+        ours = [summaries[i] for i in ids if i in summaries]
+        failed = [s["batchId"] for s in ours if s["status"] == "FAILED"]
+        if failed:
+            raise BenchError(f"batches ended FAILED: {', '.join(failed)}")
+        if not sending and len(ours) == len(planned) and all(s["status"] == "COMPLETED" for s in ours):
+            seen = time.time()
+            return max(datetime.fromisoformat(s["completedAt"]).timestamp() for s in ours), seen
+        time.sleep(POLL_SECONDS)
+    raise BenchError(f"not every batch ended within {END_DEADLINE_SECONDS}s")
+
+
+def ended_status(client: httpx.Client, batch: PlannedBatch, timeout: float) -> dict[str, Any]:
+    """The batch's status answer once it has ended (423 until then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"/v1/customers/batches/{batch.batch_id}")
+        if r.status_code == 200:
+            body: dict[str, Any] = r.json()
+            return body
+        if r.status_code != 423:
+            raise BenchError(f"GET batch {batch.batch_id} answered {r.status_code}: {r.text[:300]}")
+        time.sleep(POLL_SECONDS)
+    raise BenchError(f"batch {batch.batch_id} not ended after {timeout}s")
+
+
+def verify(client: httpx.Client, planned: list[PlannedBatch]) -> None:
+    problems: list[str] = []
+    for number, batch in enumerate(planned, 1):
+        body = ended_status(client, batch, timeout=30)
+        problems.extend(f"batch {number} ({batch.batch_id}): {p}" for p in batch.mismatches(body))
+    if problems:
+        raise BenchError(
+            f"{len(problems)} differences from the expected results:\n" + "\n".join(problems[:20])
+        )
+
+
+def status_latencies(client: httpx.Client, batch: PlannedBatch) -> list[float]:
+    """Seconds each GET of the finished batch's full status (every result) took."""
+    samples = []
+    for _ in range(STATUS_SAMPLES):
+        started = time.perf_counter()
+        r = client.get(f"/v1/customers/batches/{batch.batch_id}")
+        samples.append(time.perf_counter() - started)
+        if r.status_code != 200 or len(r.json()["results"]) != batch.total:
+            raise BenchError(f"GET batch {batch.batch_id} answered {r.status_code}: {r.text[:300]}")
+    return samples
+
+
+def copy_ceiling(dsn: str, tenant: str, planned: list[PlannedBatch]) -> tuple[int, float]:
+    """COPY the created rows again into a scratch table shaped like the customers table, one COPY and
+    commit per batch; return the rows and the seconds those COPYs and commits took."""
+    table = CUSTOMER.table_name
+    scratch = f"bench_copy_{secrets.token_hex(6)}"
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant,)).fetchone()
+        if found is None:
+            raise BenchError(f"tenant {tenant} not found in the database")
+        tenant_id = found[0]
+        # INCLUDING ALL brings the unique index on (tenant_id, code) along: the ceiling pays for it too.
+        conn.execute(f"CREATE TABLE {scratch} (LIKE {table} INCLUDING ALL)")
+        conn.commit()
+        rows, seconds = 0, 0.0
+        try:
+            for batch in planned:
+                batch_rows = batch.rows(tenant_id)
+                started = time.perf_counter()
+                with (
+                    conn.cursor() as cursor,
+                    cursor.copy(
+                        f"COPY {scratch} ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                    ) as copy,
+                ):
+                    copy.set_types(COPY_TYPES)
+                    for row in batch_rows:
+                        copy.write_row(row)
+                conn.commit()
+                seconds += time.perf_counter() - started
+                rows += len(batch_rows)
+        finally:
+            conn.rollback()
+            conn.execute(f"DROP TABLE IF EXISTS {scratch}")
+            conn.commit()
+    return rows, seconds
+
+
+def server_facts(dsn: str) -> tuple[str, str]:
+    """The PostgreSQL version and the values in force of the settings the bench tunes."""
+    with psycopg.connect(dsn) as conn:
+
+        def show(name: str) -> str:
+            row = conn.execute(f"SHOW {name}").fetchone()
+            return "?" if row is None else str(row[0])
+
+        return show("server_version"), " ".join(f"{name}={show(name)}" for name in BULK_LOAD_SETTINGS)
+
+
+# ----- the report
+
+
+@dataclass
+class Figures:
+    batches: int
+    items_per_batch: int
+    created: int
+    failed: int
+    throttled: int
+    elapsed_seconds: float
+    copy_rows: int
+    copy_seconds: float
+    post_seconds: list[float]
+    status_seconds: list[float]
+    worker_peak_rss: int
+
+    @property
+    def items(self) -> int:
+        return self.batches * self.items_per_batch
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.elapsed_seconds
+
+    @property
+    def copy_rows_per_second(self) -> float:
+        return self.copy_rows / self.copy_seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.items_per_second / self.copy_rows_per_second
+
+    def ms(self, samples: list[float], q: float) -> float:
+        return percentile(samples, q) * 1000
+
+    def met(self) -> dict[str, bool | None]:
+        """Each target and whether it was met; None for the size-bound ones when batches are smaller."""
+        full_size = self.items_per_batch == TARGET_BATCH_ITEMS
+        return {
+            "items_per_second": self.items_per_second >= TARGET_ITEMS_PER_SECOND,
+            "ratio": self.ratio >= TARGET_CEILING_SHARE,
+            "post_p99_ms": self.ms(self.post_seconds, 0.99) <= TARGET_POST_P99_MS if full_size else None,
+            "status_p99_ms": self.ms(self.status_seconds, 0.99) <= TARGET_STATUS_P99_MS
+            if full_size
+            else None,
+            "worker_peak_rss_mb": self.worker_peak_rss / MB <= TARGET_WORKER_RSS_MB,
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "items_per_second": round(self.items_per_second, 1),
+            "copy_rows_per_second": round(self.copy_rows_per_second, 1),
+            "ratio": round(self.ratio, 4),
+            "post_p50_ms": round(self.ms(self.post_seconds, 0.5), 1),
+            "post_p99_ms": round(self.ms(self.post_seconds, 0.99), 1),
+            "status_p50_ms": round(self.ms(self.status_seconds, 0.5), 1),
+            "status_p99_ms": round(self.ms(self.status_seconds, 0.99), 1),
+            "worker_peak_rss_mb": round(self.worker_peak_rss / MB, 1),
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "copy_rows": self.copy_rows,
+            "batches": self.batches,
+            "items": self.items,
+            "created": self.created,
+            "failed": self.failed,
+            "throttled": self.throttled,
+            "met": self.met(),
+        }
+
+    def table(self) -> Table:
+        met = self.met()
+        size = f"{self.items_per_batch:,}-item batch"
+        target_size = f"{TARGET_BATCH_ITEMS:,} items"
+
+        def verdict(name: str) -> str:
+            value = met[name]
+            return "n/a" if value is None else ("yes" if value else "NO")
+
+        table = Table(title="clientela bench")
+        for column in ("figure", "measured", "target", "met"):
+            table.add_column(column)
+        table.add_row(
+            "end-to-end rate",
+            f"{self.items_per_second:,.0f} items/s ({self.items:,} items in {self.elapsed_seconds:.1f} s)",
+            f">= {TARGET_ITEMS_PER_SECOND:,} items/s",
+            verdict("items_per_second"),
+        )
+        table.add_row(
+            "COPY ceiling (same rows)",
+            f"{self.copy_rows_per_second:,.0f} rows/s ({self.copy_rows:,} rows in {self.copy_seconds:.1f} s)",
+            "",
+            "",
+        )
+        table.add_row(
+            "end-to-end / COPY ceiling",
+            f"{self.ratio:.1%}",
+            f">= {TARGET_CEILING_SHARE:.0%}",
+            verdict("ratio"),
+        )
+        table.add_row(f"POST accepted p50 ({size})", f"{self.ms(self.post_seconds, 0.5):.0f} ms", "", "")
+        table.add_row(
+            f"POST accepted p99 ({size})",
+            f"{self.ms(self.post_seconds, 0.99):.0f} ms",
+            f"<= {TARGET_POST_P99_MS} ms ({target_size})",
+            verdict("post_p99_ms"),
+        )
+        table.add_row(f"status p50 (finished {size})", f"{self.ms(self.status_seconds, 0.5):.0f} ms", "", "")
+        table.add_row(
+            f"status p99 (finished {size})",
+            f"{self.ms(self.status_seconds, 0.99):.0f} ms",
+            f"<= {TARGET_STATUS_P99_MS} ms ({target_size})",
+            verdict("status_p99_ms"),
+        )
+        table.add_row(
+            "worker peak RSS (largest process)",
+            f"{self.worker_peak_rss / MB:.0f} MB",
+            f"<= {TARGET_WORKER_RSS_MB} MB",
+            verdict("worker_peak_rss_mb"),
+        )
+        table.add_row("429 answers (retried)", f"{self.throttled:,}", "", "")
+        table.add_row("items created / failed", f"{self.created:,} / {self.failed:,}", "", "")
+        return table
+
+
+# ----- the run
+
+
+def plan(options: BenchOptions) -> tuple[PlannedBatch, list[PlannedBatch]]:
+    """The warm-up batch (all valid: its codes are the existing ones later batches reuse) and the timed
+    batches. Only codes the warm-up created are reused: it has ended before the timed batches are sent,
+    whereas a code of another timed batch could be created after the item reusing it is processed."""
+    rng = random.Random(options.seed)
+    warmup = plan_batch(rng, "WARM", WARMUP_ITEMS, [], mixed=False)
+    existing = [code for code in warmup.codes if code is not None]
+    timed = [
+        plan_batch(rng, f"CLI-{number:04d}", options.items, existing, mixed=True)
+        for number in range(1, options.batches + 1)
+    ]
+    return warmup, timed
+
+
+def measure(
+    deploy: Deployment,
+    svc: Services,
+    options: BenchOptions,
+    timed: list[PlannedBatch],
+    say: Callable[[str], None],
+) -> Figures:
+    run = Submissions(pending=queue.Queue())
+    for batch in timed:
+        run.pending.put(batch)
+    sampler = RssSampler(deploy.worker.pid)
+    deadline = time.monotonic() + END_DEADLINE_SECONDS
+    producers = [
+        threading.Thread(target=produce, args=(deploy, run, deadline), name=f"producer-{n}", daemon=True)
+        for n in range(options.producers)
+    ]
+    with deploy.client() as client:
+        sampler.start()
+        try:
+            for producer in producers:
+                producer.start()
+            completed_at, seen = wait_until_ended(client, timed, run, producers)
+        finally:
+            sampler.stop()
+        say("every batch has ended; verifying every result, then the status latency and the COPY ceiling")
+        # completedAt is the workers' clock: fall back on the poll's when the two plainly disagree.
+        end = completed_at if run.first_post < completed_at <= seen + 1 else seen
+        verify(client, timed)
+        status_seconds = status_latencies(client, timed[0])
+    copy_rows, copy_seconds = copy_ceiling(svc.dsn, deploy.tenant, timed)
+    created = sum(b.created for b in timed)
+    return Figures(
+        batches=len(timed),
+        items_per_batch=options.items,
+        created=created,
+        failed=sum(b.total for b in timed) - created,
+        throttled=run.throttled,
+        elapsed_seconds=end - run.first_post,
+        copy_rows=copy_rows,
+        copy_seconds=copy_seconds,
+        post_seconds=run.accepted_seconds,
+        status_seconds=status_seconds,
+        worker_peak_rss=sampler.peak,
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM ends the bench as Ctrl-C does, so that its finally blocks stop what it started.
+    raise KeyboardInterrupt
+
+
+def run(options: BenchOptions) -> int:
+    """Run the bench; 0 when it completed with the expected results, whether or not targets were met."""
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out.width = 120
+    err = Console(stderr=True, highlight=False)
+
+    def say(text: str) -> None:
+        err.print(f"... {text}", markup=False, soft_wrap=True)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        say(f"generating {options.batches} x {options.items:,} customers (seed {options.seed})")
+        warmup, timed = plan(options)
+        with (
+            tempfile.TemporaryDirectory(prefix="clientela-bench-") as tmp,
+            services(Path(tmp), say) as svc,
+            deployment(svc, options, Path(tmp), say) as deploy,
+        ):
+            say(
+                f"warm-up: one batch of {WARMUP_ITEMS} items, so that the worker processes import and connect"
+            )
+            with deploy.client() as client:
+                r = client.post(
+                    "/v1/customers/batch-create",
+                    content=warmup.body,
+                    headers={"Content-Type": "application/json"},
+                )
+                if r.status_code != 202:
+                    raise BenchError(f"warm-up POST answered {r.status_code}: {r.text[:300]}")
+                warmup.batch_id = str(r.json()["batchId"])
+                problems = warmup.mismatches(ended_status(client, warmup, timeout=READY_SECONDS))
+                if problems:
+                    raise BenchError("warm-up batch: " + "; ".join(problems[:5]))
+            version, settings = server_facts(svc.dsn)
+            out.print(
+                f"clientela bench: {options.batches} batches x {options.items:,} items; worker processes: "
+                f"{options.processes} (one host); producers: {options.producers}; seed: {options.seed}\n"
+                f"machine: {os.cpu_count()} CPUs; PostgreSQL {version}\n"
+                f"services: {svc.description}\n"
+                f"PostgreSQL settings: {settings}\n"
+                f"warm-up: one {WARMUP_ITEMS}-item batch completed before timing",
+                markup=False,
+                soft_wrap=True,
+            )
+            say("timed run: submitting, waiting for every batch to complete, verifying every result")
+            figures = measure(deploy, svc, options, timed, say)
+        out.print(figures.table())
+        out.print(
+            f"every result of the {figures.items:,} items verified against the generated expectations",
+            markup=False,
+        )
+        if options.json_line:
+            sys.stdout.write(orjson.dumps(figures.as_json()).decode() + "\n")
+        return 0
+    except (BenchError, httpx.HTTPError, psycopg.Error) as exc:
+        err.print(f"bench failed: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("bench interrupted; the processes it started are stopped", markup=False)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

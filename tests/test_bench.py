@@ -1,0 +1,147 @@
+"""`clientela bench` as a user runs it: it completes against real services, prints its table and one JSON
+line of consistent figures, and leaves no process it started behind. Speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import psutil
+import pytest
+
+from api_stub.local_services import postgres_bindir
+from tests.conftest import SECRET_KEY, unavailable
+from tests.services import REPO, PostgresServer, RedisServer, ServiceUnavailable, clean_env, clientela_bin
+
+FIGURE_NAMES = [
+    "end-to-end rate",
+    "COPY ceiling (same rows)",
+    "end-to-end / COPY ceiling",
+    "POST accepted p50",
+    "POST accepted p99",
+    "status p50",
+    "status p99",
+    "worker peak RSS",
+    "429 answers",
+    "items created / failed",
+]
+POSITIVE = [
+    "items_per_second",
+    "copy_rows_per_second",
+    "ratio",
+    "post_p50_ms",
+    "post_p99_ms",
+    "status_p50_ms",
+    "status_p99_ms",
+    "worker_peak_rss_mb",
+    "elapsed_seconds",
+    "created",
+    "failed",
+]
+# Every process the bench starts inherits its environment: this variable finds them all afterwards.
+MARKER = "CLIENTELA_TESTS_BENCH_RUN"
+
+
+def processes_marked(marker: str) -> list[str]:
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.environ().get(MARKER) == marker and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Run the bench to its end; return its standard output and its JSON figures."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [clientela_bin(), "bench", *args, "--json"],
+        env={**env, MARKER: marker},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, as Ctrl-C: the bench stops what it started before it exits.
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=90)
+        pytest.fail(f"the bench did not end in 240 s:\n{stdout}\n{stderr}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+
+    deadline = time.monotonic() + 10
+    while (left := processes_marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"processes the bench started are still running: {left}"
+
+    assert "warm-up: one 100-item batch completed before timing" in stdout
+    for name in FIGURE_NAMES:
+        assert name in stdout, f"{name!r} missing from the table:\n{stdout}"
+    last = stdout.strip().splitlines()[-1]
+    figures: dict[str, Any] = json.loads(last)
+    return stdout, figures
+
+
+def check_figures(figures: dict[str, Any], batches: int, items: int) -> None:
+    assert figures["batches"] == batches
+    assert figures["items"] == batches * items
+    assert figures["created"] + figures["failed"] == figures["items"]
+    # The COPY ceiling writes again exactly the rows the pipeline created.
+    assert figures["copy_rows"] == figures["created"]
+    for key in POSITIVE:
+        assert figures[key] > 0, (key, figures)
+    assert figures["ratio"] == pytest.approx(
+        figures["items_per_second"] / figures["copy_rows_per_second"], rel=1e-3, abs=1e-4
+    )
+    assert figures["post_p50_ms"] <= figures["post_p99_ms"]
+    assert figures["status_p50_ms"] <= figures["status_p99_ms"]
+    assert figures["throttled"] >= 0
+    # Below 10,000 items per batch the size-bound targets are not judged; the others are, either way.
+    assert figures["met"]["post_p99_ms"] is None
+    assert figures["met"]["status_p99_ms"] is None
+    assert isinstance(figures["met"]["items_per_second"], bool)
+    assert isinstance(figures["met"]["worker_peak_rss_mb"], bool)
+
+
+def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_server: RedisServer) -> None:
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(database)
+    env = clean_env(
+        CLIENTELA_DATABASE_URL=postgres.url(database),
+        # Another Redis database, so that the session's own workers do not take the bench's messages.
+        CLIENTELA_BROKER_URL=redis_server.url.removesuffix("/0") + "/3",
+        CLIENTELA_SECRET_KEY=SECRET_KEY,
+    )
+    stdout, figures = run_bench(["--batches", "3", "--items", "2000", "--processes", "1"], env)
+    assert "services: given: PostgreSQL 127.0.0.1" in stdout
+    check_figures(figures, batches=3, items=2000)
+
+
+@pytest.mark.slow
+def test_bench_starts_and_stops_its_own_services() -> None:
+    try:
+        postgres_bindir()
+    except ServiceUnavailable as exc:
+        unavailable(str(exc))
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server not found")
+    stdout, figures = run_bench(["--batches", "1", "--items", "500", "--processes", "1"], clean_env())
+    assert "fsync=on synchronous_commit=on" in stdout
+    check_figures(figures, batches=1, items=500)
+    # Redis overwrites its environment with its process title, so its port tells whether it still runs.
+    services = re.search(
+        r"services: private: PostgreSQL 127\.0\.0\.1:(\d+), Redis 127\.0\.0\.1:(\d+)", stdout
+    )
+    assert services is not None, stdout
+    ports = {int(port) for port in services.groups()}
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert not ports & listening, f"private servers still listening on {ports & listening}"
