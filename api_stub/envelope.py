@@ -58,7 +58,7 @@ def parse_items(body: bytes, max_items: int, key_of: Callable[[Any], str | None]
 
     The body must be I-JSON (RFC 7493): valid UTF-8, no NaN or Infinity (not JSON at all), and no object
     with the same key twice, since which of two values a client meant cannot be known. Nesting deeper than
-    about 250 levels and integers of more than about 4,300 digits are refused too: no customer field needs
+    about 200 levels and integers of more than about 4,300 digits are refused too: no customer field needs
     them, and they would only cost memory and time.
 
     The array is first split into its elements without building them (msgspec checks each one's syntax as
