@@ -16,7 +16,6 @@ import os
 import queue
 import random
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +38,15 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from api_stub.local_services import PostgresServer, RedisServer, free_port, tail, terminate
+from api_stub.local_services import (
+    PostgresServer,
+    RedisServer,
+    ServiceUnavailable,
+    clientela_command,
+    free_port,
+    tail,
+    terminate,
+)
 from worker.config import get_settings
 from worker.contracts.base import Decimal as DecimalField
 from worker.contracts.customer import CUSTOMER
@@ -370,15 +377,6 @@ def services(workdir: Path, say: Callable[[str], None]) -> Iterator[Services]:
     finally:
         redis.stop()
         postgres.stop()
-
-
-def clientela_command() -> str:
-    """The `clientela` console script of this interpreter, so children run the same installation."""
-    beside = Path(sys.executable).parent / "clientela"
-    found = str(beside) if beside.exists() else shutil.which("clientela")
-    if found is None:
-        raise BenchError("the clientela console script is not installed")
-    return found
 
 
 def run_command(args: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -973,7 +971,7 @@ def run(options: BenchOptions) -> int:
         if options.json_line:
             sys.stdout.write(orjson.dumps(figures.as_json()).decode() + "\n")
         return 0
-    except (BenchError, httpx.HTTPError, psycopg.Error) as exc:
+    except (BenchError, ServiceUnavailable, httpx.HTTPError, psycopg.Error) as exc:
         err.print(f"bench failed: {exc}", markup=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
 
 class ServiceUnavailable(RuntimeError):
     """A server binary (or the user to run it as) is not installed on this machine."""
+
+
+def clientela_command() -> str:
+    """The `clientela` console script of this interpreter, so that children run the same installation."""
+    beside = Path(sys.executable).parent / "clientela"
+    found = str(beside) if beside.exists() else shutil.which("clientela")
+    if found is None:
+        raise ServiceUnavailable("the clientela console script is not installed (pip install -e .)")
+    return found
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
+from api_stub.local_services import ServiceUnavailable
 from tests.report import FIGURES
 from tests.services import (
     LOG_FILES,
@@ -27,7 +28,6 @@ from tests.services import (
     PostgresServer,
     RedisServer,
     Server,
-    ServiceUnavailable,
     Workers,
     clean_env,
     create_tenant,

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,20 +21,9 @@ from pathlib import Path
 import httpx
 
 from api_stub import local_services
-from api_stub.local_services import ServiceUnavailable, free_port, tail, terminate
+from api_stub.local_services import clientela_command, free_port, tail, terminate
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def clientela_bin() -> str:
-    """The `clientela` console script of the interpreter running the tests."""
-    candidate = Path(sys.executable).parent / "clientela"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("clientela")
-    if found is None:
-        raise ServiceUnavailable("the clientela console script is not installed (pip install -e '.[test]')")
-    return found
 
 
 # Every log file of a process the session started, so that a failing test can show their tails.
@@ -97,7 +84,7 @@ class ClientelaProcess:
         log.write(f"\n----- start #{self.starts}: clientela {' '.join(self.args)}\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [clientela_bin(), *self.args],
+            [clientela_command(), *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -224,7 +211,7 @@ class Workers:
 def run_cli(args: list[str], env: Mapping[str, str], cwd: Path = REPO, timeout: float = 60) -> str:
     """Run a short `clientela` command and return its stdout; a non-zero exit fails loudly."""
     out = subprocess.run(
-        [clientela_bin(), *args],
+        [clientela_command(), *args],
         env=dict(env),
         cwd=str(cwd),
         capture_output=True,

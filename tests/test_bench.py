@@ -14,9 +14,9 @@ from typing import Any
 import psutil
 import pytest
 
-from api_stub.local_services import postgres_bindir
+from api_stub.local_services import ServiceUnavailable, clientela_command, postgres_bindir
 from tests.conftest import SECRET_KEY, unavailable
-from tests.services import REPO, PostgresServer, RedisServer, ServiceUnavailable, clean_env, clientela_bin
+from tests.services import REPO, PostgresServer, RedisServer, clean_env
 
 FIGURE_NAMES = [
     "end-to-end rate",
@@ -62,7 +62,7 @@ def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]
     """Run the bench to its end; return its standard output and its JSON figures."""
     marker = uuid.uuid4().hex
     proc = subprocess.Popen(
-        [clientela_bin(), "bench", *args, "--json"],
+        [clientela_command(), "bench", *args, "--json"],
         env={**env, MARKER: marker},
         cwd=REPO,
         stdout=subprocess.PIPE,

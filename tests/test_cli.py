@@ -7,7 +7,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tests.services import clientela_bin, free_port, run_cli
+from api_stub.local_services import clientela_command, free_port
+from tests.services import run_cli
 
 
 def test_migrate_is_idempotent(migrated: dict[str, str]) -> None:
@@ -31,7 +32,7 @@ def test_tenant_create_prints_one_json_line(migrated: dict[str, str]) -> None:
 def test_serve_refuses_to_start_without_a_secret_key(migrated: dict[str, str], tmp_path: Path) -> None:
     env = {k: v for k, v in migrated.items() if k != "CLIENTELA_SECRET_KEY"}
     proc = subprocess.run(
-        [clientela_bin(), "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+        [clientela_command(), "serve", "--host", "127.0.0.1", "--port", str(free_port())],
         env=env,
         cwd=str(tmp_path),
         capture_output=True,
