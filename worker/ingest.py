@@ -118,13 +118,16 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
     items = jiter.from_json(chunk.payload.encode(), float_mode="lossless-float")
     failed: list[dict[str, Any]] = []
     valid: list[tuple[int, dict[str, Any]]] = []
+    # Read once: the loop runs per item, and the chunk's attributes go through the ORM.
+    start = chunk.start_index
+    duplicates = {int(position): first for position, first in chunk.duplicates.items()}
     for position, item in enumerate(items):
         values, errors = contract.validate(item)
-        first = chunk.duplicates.get(str(position))
+        first = duplicates.get(position)
         if first is not None and not any(error.get("field") == contract.key for error in errors):
             message = f"Duplicate {contract.key} in batch (first at index {first})"
             errors = contract.ordered([*errors, {"field": contract.key, "message": message}])
-        idx = chunk.start_index + position
+        idx = start + position
         if errors:
             failed.append(
                 {

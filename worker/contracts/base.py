@@ -280,9 +280,9 @@ class Contract:
         return [spec.name for spec in self.fields]
 
     @property
-    def copy_types(self) -> list[str]:
-        """The PostgreSQL type of each field, in table order, for binary COPY (varchar is sent as text)."""
-        return ["numeric" if isinstance(spec, Decimal) else "text" for spec in self.fields]
+    def decimal_positions(self) -> list[int]:
+        """Where the decimal fields are, in table order."""
+        return [i for i, spec in enumerate(self.fields) if isinstance(spec, Decimal)]
 
     def validate(self, item: Any) -> tuple[dict[str, Any] | None, ItemErrors]:
         """The item's stored values, or its errors: one per failing field, table order, unknown keys last."""
