@@ -132,11 +132,12 @@ class Decimal:
         object.__setattr__(self, "_column", Context(prec=self.precision, Emax=MAX_EMAX, Emin=MIN_EMIN))
         integer_digits = self.precision - self.scale
         object.__setattr__(self, "_int_limit", 10**integer_digits)
-        # The everyday JSON number (`50000000.0`, `12.5`, `-3`) in a form that fits this column. Its text
-        # alone decides that, in one regex, without building a Decimal first; trailing zeros of the fraction
-        # do not count. Anything else (exponents, more digits) takes the exact path below.
+        # The everyday decimal (`50000000.0`, `12.5`, `-3`, as a JSON number or a string) in a form that
+        # fits this column. Its text alone decides that, in one regex, without building a Decimal first;
+        # trailing zeros of the fraction do not count. Anything else (exponents, leading zeros or `+`,
+        # more digits, no digit after the point) takes the exact path below, which decides it.
         whole = "0" if integer_digits == 0 else f"(?:0|[1-9][0-9]{{0,{integer_digits - 1}}})"
-        fits = re.compile(rf"-?{whole}(?:\.[0-9]{{0,{self.scale}}}0*)?")
+        fits = re.compile(rf"-?{whole}(?:\.(?=[0-9])[0-9]{{0,{self.scale}}}0*)?")
         object.__setattr__(self, "_fits", fits)
 
     def parse(self, value: Any) -> PyDecimal | None:
@@ -149,7 +150,10 @@ class Decimal:
                 # PostgreSQL stores it at the column's scale, which drops only trailing zeros.
                 return PyDecimal(text)
             number = PyDecimal(text)
-        elif type(value) is int and -self._int_limit < value < self._int_limit:
+        elif (type(value) is str and self._fits.fullmatch(value)) or (
+            type(value) is int and -self._int_limit < value < self._int_limit
+        ):
+            # A plain decimal string, or an int, that fits: its exact value as it is.
             return PyDecimal(value)
         elif type(value) is PyDecimal:
             number = value
