@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,28 @@ def clientela_command() -> str:
     if found is None:
         raise ServiceUnavailable("the clientela console script is not installed (pip install -e .)")
     return found
+
+
+class CommandFailed(RuntimeError):
+    """A `clientela` command exited with an error; the message holds its output."""
+
+
+def run_clientela(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float) -> str:
+    """Run a short `clientela` command and return its standard output; a failure raises CommandFailed."""
+    out = subprocess.run(
+        [clientela_command(), *args],
+        env=dict(env),
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise CommandFailed(
+            f"clientela {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+        )
+    return out.stdout
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from api_stub import local_services
-from api_stub.local_services import clientela_command, free_port, tail, terminate
+from api_stub.local_services import clientela_command, free_port, run_clientela, tail, terminate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,18 +210,7 @@ class Workers:
 
 def run_cli(args: list[str], env: Mapping[str, str], cwd: Path = REPO, timeout: float = 60) -> str:
     """Run a short `clientela` command and return its stdout; a non-zero exit fails loudly."""
-    out = subprocess.run(
-        [clientela_command(), *args],
-        env=dict(env),
-        cwd=str(cwd),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"clientela {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
-    return out.stdout
+    return run_clientela(args, env, cwd, timeout)
 
 
 def create_tenant(name: str, env: Mapping[str, str], cwd: Path = REPO) -> dict[str, str]:
