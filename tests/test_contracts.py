@@ -141,3 +141,47 @@ def test_errors_follow_the_field_table_then_unknown_keys_in_input_order() -> Non
 @pytest.mark.parametrize("item", [[], "x", 3, None, True])
 def test_an_item_must_be_an_object(item: Any) -> None:
     assert errors_of(item) == [{"message": "Item must be an object"}]
+
+
+def test_plainly_valid_items_take_the_fast_path_and_keep_their_exact_text() -> None:
+    text = b'{"code": "C1", "name": "N", "quota": 50000000.10, "term": "30", "discount": null, "state": "Y"}'
+    values = CUSTOMER.plain_values(text)
+    assert values is not None
+    stored = dict(zip(CUSTOMER.field_names, values, strict=True))
+    assert (stored["code"], stored["quota"], stored["term"], stored["discount"]) == (
+        "C1",
+        "50000000.10",
+        "30",
+        None,
+    )
+    assert CUSTOMER.read(text) == (values, [], "C1")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        '"quota": 1e5',
+        '"quota": "007.50"',
+        '"quota": "\\u0031"',
+        '"quota": 1.234',
+        '"quota": true',
+        '"contact": "a\\u0000b"',
+        '"contact": "a\\\\u0000b"',
+        '"state": "X"',
+        '"extra": 1',
+        '"contact": "' + "x" * 151 + '"',
+        '"phone": 3001234567',
+    ],
+)
+def test_other_items_are_left_to_the_model(fields: str) -> None:
+    text = f'{{"code": "C1", "name": "N", {fields}}}'.encode()
+    assert CUSTOMER.plain_values(text) is None
+    values, errors = CUSTOMER.validate(jiter.from_json(text, float_mode="lossless-float"))
+    read_values, read_errors, key = CUSTOMER.read(text)
+    assert (read_errors, key) == (errors, "C1")
+    if values is None:
+        assert read_values is None
+    else:
+        assert read_values == [
+            None if v is None else str(v) if isinstance(v, Decimal) else v for v in values.values()
+        ]

@@ -306,6 +306,13 @@ ANY_ITEMS = st.one_of(generated_items(), NOT_OBJECTS)
 
 
 VALIDATOR_EXAMPLES = 400
+GENERATED_ITEMS = given(generated=ANY_ITEMS)
+VALIDATOR_SETTINGS = settings(
+    max_examples=VALIDATOR_EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture
@@ -316,13 +323,8 @@ def examples(request: pytest.FixtureRequest) -> Iterator[list[int]]:
     figure("hostile", f"hypothesis {request.node.name}: {seen[0]} examples, {seen[1]} generated items")
 
 
-@given(generated=ANY_ITEMS)
-@settings(
-    max_examples=VALIDATOR_EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@GENERATED_ITEMS
+@VALIDATOR_SETTINGS
 def test_validator_gives_the_contracts_errors_for_generated_items(
     generated: GeneratedItem, examples: list[int]
 ) -> None:
@@ -341,6 +343,31 @@ def test_validator_gives_the_contracts_errors_for_generated_items(
             assert values[spec.name] == Decimal(given_value)
         else:
             assert values[spec.name] == given_value
+
+
+@GENERATED_ITEMS
+@VALIDATOR_SETTINGS
+def test_the_workers_fast_path_reads_generated_items_as_the_model_does(
+    generated: GeneratedItem, examples: list[int]
+) -> None:
+    """What the worker stores for an item's JSON text (Contract.read, fast path or model) is what the model
+    decides for the parsed item: the same errors and key, or the same values with decimals as exact text."""
+    examples[0] += 1
+    examples[1] += 1
+    values, errors, key = CUSTOMER.read(as_json([generated.item])[1:-1])
+    assert errors == generated.errors
+    assert key == CUSTOMER.key_of(generated.item)
+    if errors:
+        assert values is None
+        return
+    assert values is not None
+    for spec, value in zip(CUSTOMER.fields, values, strict=True):
+        given_value = generated.item.get(spec.name)
+        if isinstance(spec, DecimalField) and given_value is not None:
+            assert isinstance(value, str)
+            assert Decimal(value) == Decimal(given_value)
+        else:
+            assert value == given_value
 
 
 @pytest.mark.parametrize(

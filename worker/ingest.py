@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-import jiter
+import msgspec
 from sqlalchemy import case, select, text, update
 from sqlalchemy.orm import Session, defer
 
@@ -114,15 +114,15 @@ def _lock_pending(session: Session, chunk_id: uuid.UUID, *, with_payload: bool =
 def _validate_and_store(session: Session, contract: Contract, batch: Batch, chunk: Chunk) -> int:
     """Validate the chunk's items and store what they came to; return how many records were created."""
     assert chunk.payload is not None
-    # Lossless: each JSON number keeps its exact text, and the decimal fields read it from there.
-    items = jiter.from_json(chunk.payload.encode(), float_mode="lossless-float")
+    # Each element's text as the client sent it: the contract reads every number from its exact text.
+    elements = _ELEMENTS.decode(chunk.payload.encode())
     failed: list[dict[str, Any]] = []
-    valid: list[tuple[int, dict[str, Any]]] = []
+    valid: list[tuple[int, list[Any]]] = []
     # Read once: the loop runs per item, and the chunk's attributes go through the ORM.
     start = chunk.start_index
     duplicates = {int(position): first for position, first in chunk.duplicates.items()}
-    for position, item in enumerate(items):
-        values, errors = contract.validate(item)
+    for position, element in enumerate(elements):
+        values, errors, key = contract.read(bytes(element))
         first = duplicates.get(position)
         if first is not None and not any(error.get("field") == contract.key for error in errors):
             message = f"Duplicate {contract.key} in batch (first at index {first})"
@@ -134,7 +134,7 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
                     "batch_id": batch.id,
                     "idx": idx,
                     "status": ItemStatus.FAILED,
-                    "code": contract.key_of(item),
+                    "code": key,
                     "customer_id": None,
                     "errors": errors,
                 }
@@ -151,6 +151,9 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
         failed=failed,
         valid=valid,
     )
+
+
+_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:

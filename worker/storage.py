@@ -30,22 +30,25 @@ def store_outcomes(
     batch_id: uuid.UUID,
     now: datetime,
     failed: Sequence[dict[str, Any]],
-    valid: Sequence[tuple[int, dict[str, Any]]],
+    valid: Sequence[tuple[int, list[Any]]],
 ) -> int:
     """Store what a chunk's items came to; return how many records were created.
 
-    ``failed`` are the result rows of the items that failed validation. ``valid`` are (index, record)
-    pairs, each record holding the contract's fields in table order as its validator returns them: a
-    record is inserted unless the tenant already has its key, and its result says which happened.
+    ``failed`` are the result rows of the items that failed validation. ``valid`` are (index, values)
+    pairs, the values of the contract's fields in table order as ``Contract.read`` returns them (decimals
+    as their exact text): a record is inserted unless the tenant already has its key, and its result says
+    which happened.
     """
     write_results(session, failed)
     if not valid:
         return 0
     if is_postgresql(session):
         return _copy_then_insert(session, contract, tenant_id, batch_id, now, valid)
+    names = contract.field_names
     rows = [
-        {"id": uuid.uuid4(), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now, **record}
-        for _, record in valid
+        {"id": uuid.uuid4(), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now}
+        | dict(zip(names, values, strict=True))
+        for _, values in valid
     ]
     statement = (
         sqlite.insert(contract.table)
@@ -59,12 +62,12 @@ def store_outcomes(
             {
                 "batch_id": batch_id,
                 "idx": idx,
-                "code": record[contract.key],
-                "customer_id": created.get(record[contract.key]),
-                "status": ItemStatus.CREATED if record[contract.key] in created else ItemStatus.FAILED,
-                "errors": None if record[contract.key] in created else key_exists(contract),
+                "code": row[contract.key],
+                "customer_id": created.get(row[contract.key]),
+                "status": ItemStatus.CREATED if row[contract.key] in created else ItemStatus.FAILED,
+                "errors": None if row[contract.key] in created else key_exists(contract),
             }
-            for idx, record in valid
+            for (idx, _), row in zip(valid, rows, strict=True)
         ],
     )
     return len(created)
@@ -81,7 +84,7 @@ def _copy_then_insert(
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
     now: datetime,
-    valid: Sequence[tuple[int, dict[str, Any]]],
+    valid: Sequence[tuple[int, list[Any]]],
 ) -> int:
     """COPY the records with their item indexes into a staging table; then ONE statement inserts the new
     ones and writes every valid item's result from what the insert returned.
@@ -111,14 +114,8 @@ def _copy_then_insert(
         )
         with cursor.copy(f"COPY {stage} (idx, {fields}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["int4", *["text"] * len(names)])
-            for idx, record in valid:
-                row = [idx, *record.values()]
-                for i in decimals:
-                    value = row[i + 1]
-                    if value is not None:
-                        # str() of a Decimal is exact; PostgreSQL also reads its exponent form.
-                        row[i + 1] = str(value)
-                copy.write_row(row)
+            for idx, values in valid:
+                copy.write_row([idx, *values])
         # Key order: concurrent chunks of one tenant lock the unique index in the same order, no deadlock.
         # Keys are unique within a chunk's valid records: a repeated key is an in-batch duplicate, invalid.
         cursor.execute(
