@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import celery
 import httpx
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -41,12 +42,18 @@ from tests.services import (
     Workers,
     start_server,
 )
+from worker.reconciler import CHUNK_TRANSACTION
 
 LEASE_SECONDS = 5
 # Low, so that a poison chunk gives up within seconds; the faults below cost a chunk an attempt or two.
 MAX_ATTEMPTS = 3
-STREAM_BATCHES = 5
+STREAM_BATCHES = 10
+# Chunks of a few hundred milliseconds, so that a fault aimed at a running chunk has time to land in it.
+CHUNK_SIZE = 2_500
 BATCH_ITEMS = 10_000
+# The stream submits a batch at most this often, so that it still runs when the second fault of a test
+# comes: unpaced, the workers finish 50,000 items within seconds of the last POST.
+SUBMIT_EVERY = 1.0
 # In-batch duplicates across chunks (index -> first occurrence), away from the existing codes at the end.
 DUPLICATES = {2_500: 1_500, 5_000: 4_999, 9_990: 10}
 # Items processed before a fault is injected: the stream is well under way, and most of it still to come.
@@ -99,6 +106,7 @@ def stack(
             "CLIENTELA_CHUNK_LEASE_SECONDS": str(LEASE_SECONDS),
             "CLIENTELA_RECONCILE_INTERVAL_SECONDS": "1",
             "CLIENTELA_MAX_CHUNK_ATTEMPTS": str(MAX_ATTEMPTS),
+            "CLIENTELA_CHUNK_SIZE": str(CHUNK_SIZE),
         }
         logs = session_dir / "logs"
         server = start_server("faults-server", env, logs)
@@ -196,7 +204,7 @@ def wait_in_flight(stream: Stream, db: Db, worker: ClientelaProcess, offset: int
         task = chunk_in_flight(worker, offset)
         if task:
             return task
-        mid_stream = stream.processed(db) < stream.items - BATCH_ITEMS
+        mid_stream = stream.processed(db) < stream.items - 2 * CHUNK_SIZE
         assert mid_stream, f"{worker.name} not seen running a chunk while the stream ran"
         assert time.monotonic() < deadline, f"{worker.name} not seen running a chunk within 120s"
         time.sleep(0.02)
@@ -274,7 +282,9 @@ class Stream:
     def _submit_all(self) -> None:
         try:
             bodies = [json.dumps(payload.items) for _, payload in self.plan]
-            for (tenant, payload), body in zip(self.plan, bodies, strict=True):
+            started = time.monotonic()
+            for i, ((tenant, payload), body) in enumerate(zip(self.plan, bodies, strict=True)):
+                time.sleep(max(0.0, started + i * SUBMIT_EVERY - time.monotonic()))
                 with self.stack.client_for(tenant) as client:
                     batch_id, retries = submit_until_accepted(client, body)
                 self.retries += retries
@@ -429,6 +439,33 @@ def check_stream(name: str, stack: Stack, db: Db, batches: list[Accepted], fault
 # ----- the five faults
 
 
+def holds_chunk_transaction(db: Db, pid: int, begun_before: datetime | None = None) -> bool:
+    """Whether the process has a chunk's transaction open in PostgreSQL (begun before the given moment)."""
+    try:
+        ports = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp")]
+    except psutil.Error:
+        return False
+    [(open_,)] = db(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name "
+        "AND client_port = ANY(CAST(:ports AS int[])) AND xact_start < :before",
+        name=CHUNK_TRANSACTION,
+        ports=ports,
+        before=begun_before or now(),
+    )
+    return bool(open_)
+
+
+def in_chunk_transaction(db: Db, pid: int, timeout: float = 2) -> bool:
+    """Whether the process gets into a chunk's transaction within `timeout` seconds: killed before that,
+    it may not have told Celery yet that it took its task."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if holds_chunk_transaction(db, pid):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def kill_child_mid_chunk(stream: Stream, db: Db, worker: ClientelaProcess) -> datetime:
     """SIGKILL the worker's pool child while it runs a chunk (seen by Celery as WorkerLostError)."""
     pid = main_pid(worker)
@@ -436,11 +473,18 @@ def kill_child_mid_chunk(stream: Stream, db: Db, worker: ClientelaProcess) -> da
         mark = log_size(worker)
         wait_in_flight(stream, db, worker)
         [child] = wait_until(lambda: pool_children(pid), 30, f"{worker.name}'s pool child")
+        if not in_chunk_transaction(db, child):
+            continue
         moment = now()
         os.kill(child, signal.SIGKILL)
+        # Celery sees the loss at once (WorkerLostError), or now and then only when the task's time limit
+        # comes: either way the chunk is handed out again.
         with contextlib.suppress(AssertionError):
             wait_until(
-                lambda m=mark: "WorkerLostError" in log_since(worker, m), 5, "Celery saw it", pause=0.2
+                lambda m=mark: re.search("WorkerLostError|Hard time limit", log_since(worker, m)),
+                LEASE_SECONDS + 2,
+                "Celery saw it",
+                pause=0.2,
             )
             return moment
     raise AssertionError(f"{worker.name}'s pool child never killed mid-chunk")
@@ -547,7 +591,7 @@ def test_every_chunk_delivered_twice_at_once(
             ids=ids,
         )
     ]
-    assert len(chunk_ids) == STREAM_BATCHES * BATCH_ITEMS // 1000
+    assert len(chunk_ids) == STREAM_BATCHES * BATCH_ITEMS // CHUNK_SIZE
     # The queue is first in, first out: copies published behind the receiver's messages would only arrive
     # once their chunk is done. Replace the queue with two adjacent copies of each chunk's message, so
     # that the two workers take the two copies of a chunk at the same moment.
@@ -611,13 +655,8 @@ def test_frozen_worker_outlives_its_lease(faults: Stack, make_tenant: Callable[[
         with frozen(stuck):
             moment = now()
             time.sleep(1)
-            # A transaction begun before the freeze and still open: the frozen worker's, stopped mid-chunk.
-            [(open_transactions,)] = db(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND xact_start < :t",
-                t=moment,
-            )
-            if open_transactions:
+            # Its chunk transaction, begun before the freeze and still open: the worker stopped mid-chunk.
+            if any(holds_chunk_transaction(db, child, moment) for child in pool_children(main_pid(stuck))):
                 stopped = moment
                 wait_until(
                     lambda m=moment: (
@@ -653,9 +692,9 @@ def test_poison_chunk_that_kills_its_worker_every_time_is_given_up(
     MAX_ATTEMPTS such crashes the chunk is given up (its items UNPROCESSED) without touching customers,
     and the workers live on."""
     tenant = make_tenant()
-    payload = mixed_payload(3_000, f"PB{uuid.uuid4().hex[:6]}", [], {2_500: 7})
-    blocked = payload.items[1_500]["code"]
-    assert payload.expected[1_500]["status"] == "CREATED"
+    payload = mixed_payload(3 * CHUNK_SIZE, f"PB{uuid.uuid4().hex[:6]}", [], {5 * CHUNK_SIZE // 2: 7})
+    blocked = payload.items[3 * CHUNK_SIZE // 2]["code"]
+    assert payload.expected[3 * CHUNK_SIZE // 2]["status"] == "CREATED"
     workers = faults.workers.processes
     pids = [main_pid(p) for p in workers]
     children = [set(pool_children(pid)) for pid in pids]
@@ -673,7 +712,7 @@ def test_poison_chunk_that_kills_its_worker_every_time_is_given_up(
                 ),
                 {"id": uuid.uuid4(), "t": tenant.id, "code": blocked},
             )
-        batch = Accepted(tenant, batch_id, unprocessed(payload, 1_000, 2_000), "FAILED")
+        batch = Accepted(tenant, batch_id, unprocessed(payload, CHUNK_SIZE, 2 * CHUNK_SIZE), "FAILED")
         wait_until(lambda: not unfinished(db, [batch.batch_id]), 120, "the poisoned batch ended", pause=0.2)
         blocker.rollback()
     [(status, attempts)] = db(
@@ -716,7 +755,7 @@ def test_poison_chunk_that_kills_its_worker_every_time_is_given_up(
             if time.monotonic() > deadline:
                 break
             marks = [log_size(p) for p in workers]
-            later = mixed_payload(2_000, f"PL{uuid.uuid4().hex[:6]}", [], {})
+            later = mixed_payload(2 * CHUNK_SIZE, f"PL{uuid.uuid4().hex[:6]}", [], {})
             body = run_batch(client, later.items)
             assert strip_ids(body["results"]) == later.expected
             waiting -= {i for i in waiting if ": 'done'" in log_since(workers[i], marks[i])}
@@ -732,10 +771,12 @@ def test_poison_chunk_that_cannot_be_read_is_given_up(
     """A chunk whose stored items cannot be read (corrupted on purpose) fails on every attempt: after
     MAX_ATTEMPTS the batch ends FAILED with that chunk's items UNPROCESSED, instead of looping forever."""
     tenant = make_tenant()
-    payload = mixed_payload(3_000, f"PC{uuid.uuid4().hex[:6]}", [], {})
+    payload = mixed_payload(3 * CHUNK_SIZE, f"PC{uuid.uuid4().hex[:6]}", [], {})
     with faults.client_for(tenant) as client, frozen(*faults.workers.processes):
         submitted = now()
-        batch = Accepted(tenant, submit(client, payload.items), unprocessed(payload, 1_000, 2_000), "FAILED")
+        batch = Accepted(
+            tenant, submit(client, payload.items), unprocessed(payload, CHUNK_SIZE, 2 * CHUNK_SIZE), "FAILED"
+        )
         with engine.begin() as conn:
             corrupted = conn.execute(
                 sa.text("UPDATE chunks SET payload = :p WHERE batch_id = CAST(:b AS uuid) AND seq = 1"),
