@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -234,3 +235,17 @@ def mixed_payload(n: int, prefix: str, existing: list[str], dup_of: dict[int, in
             expected.append(created(i, code))
         items.append(item)
     return Payload(items, expected)
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, pause: float = 0.05) -> T:
+    """The predicate's first truthy value; fails the test with `what` if none comes within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(pause)

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from celery import Celery
 
@@ -21,12 +22,15 @@ from tests.helpers import (
     err,
     failed,
     mixed_payload,
+    post_batch,
     run_batch,
     strip_ids,
     submit,
+    unique_code,
     wait_for_batch,
+    wait_until,
 )
-from tests.services import RedisServer, Workers
+from tests.services import RedisServer, Server, Workers, free_port
 
 # Duplicates across every chunk boundary (1000-item chunks), and far apart.
 DUPS_10K = {k * CHUNK_SIZE: k * CHUNK_SIZE - 1 for k in range(1, 10)} | {9998: 0, 5500: 12, 3001: 2996}
@@ -161,6 +165,9 @@ def test_same_results_whatever_the_chunk_order(
     batch_id = submit(backward.client, payload.items)
     chunks = db("SELECT id::text, seq FROM chunks WHERE batch_id::text = :b ORDER BY seq", b=batch_id)
     assert len(chunks) == 10, chunks
+    queue = redis_server.client()
+    # The receiver publishes a batch's messages just after its 202.
+    wait_until(lambda: queue.llen("ingest") >= len(chunks), 10, "every chunk's message in the queue")
     purged = purge_ingest_queue(redis_server.url)
     assert purged == len(chunks), f"expected one message per chunk in the queue, purged {purged}"
     enqueue_in_order(redis_server.url, [cid for cid, _ in reversed(chunks)])
@@ -188,6 +195,7 @@ def test_queue_messages_carry_ids_only(
     chunk_ids = {r[0] for r in db("SELECT id::text FROM chunks WHERE batch_id::text = :b", b=batch_id)}
     assert len(chunk_ids) == 3
     r = redis_server.client()
+    wait_until(lambda: r.llen("ingest") >= 3, 10, "the batch's three messages in the queue")
     messages = [json.loads(m) for m in r.lrange("ingest", 0, -1)]
     assert len(messages) == 3
     seen = set()
@@ -201,3 +209,26 @@ def test_queue_messages_carry_ids_only(
     assert seen == chunk_ids
     stopped_workers.start()
     assert wait_for_batch(tenant.client, batch_id)["created"] == 2_500
+
+
+def test_a_batch_is_accepted_and_kept_while_the_broker_is_unreachable(
+    extra_server: Callable[..., Server], tenant: Tenant, db: Callable[..., list[Any]]
+) -> None:
+    """The 202 needs the batch stored, not the broker: its chunks wait, pending, for the reconciler."""
+    srv = extra_server("server-broker-gone", CLIENTELA_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    code = unique_code("NB")
+    with httpx.Client(base_url=srv.base_url, headers=tenant.client.headers, timeout=60) as client:
+        r = post_batch(client, [{"code": code, "name": "Kept"}])
+        assert r.status_code == 202, r.text
+        batch_id = r.json()["batchId"]
+        assert r.headers["location"] == f"/v1/customers/batches/{batch_id}"
+        status = client.get(f"/v1/customers/batches/{batch_id}")
+    assert status.status_code == 423
+    assert status.json()["status"] == "QUEUED"
+    chunks = db("SELECT status, item_count FROM chunks WHERE batch_id::text = :b", b=batch_id)
+    assert [tuple(c) for c in chunks] == [("PENDING", 1)]
+    wait_until(
+        lambda: "the reconciler will retry" in srv.process.log.read_text(errors="replace"),
+        30,
+        "the failed enqueue logged",
+    )

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import celery
 import httpx
@@ -32,7 +32,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Tenant
-from tests.helpers import Payload, mixed_payload, post_batch, run_batch, strip_ids, submit
+from tests.helpers import Payload, mixed_payload, post_batch, run_batch, strip_ids, submit, wait_until
 from tests.report import figure
 from tests.services import (
     ClientelaProcess,
@@ -66,7 +66,6 @@ TASK_LINE = re.compile(r"Task clientela\.process_chunk\[([0-9a-f-]+)\] (\w+)")
 CHUNK_RUN = re.compile(r"Task clientela\.process_chunk\[[0-9a-f-]+\] succeeded in [0-9.e-]+s: '(\w+)'")
 
 Db = Callable[..., list[Any]]
-T = TypeVar("T")
 
 
 @dataclass
@@ -208,16 +207,6 @@ def wait_in_flight(stream: Stream, db: Db, worker: ClientelaProcess, offset: int
         assert mid_stream, f"{worker.name} not seen running a chunk while the stream ran"
         assert time.monotonic() < deadline, f"{worker.name} not seen running a chunk within 120s"
         time.sleep(0.02)
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, pause: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(pause)
 
 
 def now() -> datetime:
@@ -596,7 +585,8 @@ def test_every_chunk_delivered_twice_at_once(
     # once their chunk is done. Replace the queue with two adjacent copies of each chunk's message, so
     # that the two workers take the two copies of a chunk at the same moment.
     broker = faults.redis.client()
-    assert broker.llen(QUEUE) >= len(chunk_ids)
+    # The receiver publishes a batch's messages just after its 202.
+    wait_until(lambda: broker.llen(QUEUE) >= len(chunk_ids), 10, "every chunk's message in the queue")
     broker.delete(QUEUE)
     publisher = celery.Celery(broker=faults.redis.url)
     try:
