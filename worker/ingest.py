@@ -14,8 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import case, select, text, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import Integer, Row, bindparam, case, select, text, update
+from sqlalchemy.orm import Session
 
 from worker.batches import utcnow
 from worker.config import Settings
@@ -27,52 +27,106 @@ from worker.storage import store_outcomes, write_results
 
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
 
+# A locked chunk as _LOCK_CHUNK reads it.
+LockedChunk = Row[uuid.UUID, uuid.UUID, int, int, str | None, dict[str, int], int, uuid.UUID, str]
+
 
 def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
     """Process a chunk if it is still pending and nobody else holds it; say what happened."""
     if not _count_attempt(chunk_id, settings):
         return "skipped"
     with _chunk_transaction(settings) as session:
-        chunk = _lock_pending(session, chunk_id)
+        chunk = session.connection().execute(_LOCK_CHUNK, {"chunk_id": chunk_id}).one_or_none()
         if chunk is None:
             return "skipped"
-        batch = session.get(Batch, chunk.batch_id)
-        assert batch is not None
-        contract = get_contract(batch.contract)
         if chunk.attempts > settings.max_chunk_attempts:
             write_results(session, _unprocessed(chunk))
             created = 0
             chunk_status = ChunkStatus.FAILED
         else:
-            created = _validate_and_store(session, contract, batch, chunk)
+            created = _validate_and_store(session, get_contract(chunk.contract), chunk)
             chunk_status = ChunkStatus.DONE
-        _end_chunk(session, chunk, batch.id, chunk_status, created)
+        _end_chunk(session, chunk, chunk_status, created)
     return chunk_status.lower()
+
+
+# The statements of a chunk's two transactions, built once: they run for every chunk, and building a
+# statement (and its cache key) cost more than running it. Plain statements on the session's connection,
+# not ORM objects, for the same reason: the ORM's loading, flush and bookkeeping cost more than the SQL.
+# FOR UPDATE SKIP LOCKED: a second delivery of a chunk that another worker holds returns at once, not waits
+# (SQLite, which has neither, serializes its writers instead).
+_LOCK_PENDING = (
+    select(Chunk.id, Chunk.batch_id)
+    .where(Chunk.id == bindparam("chunk_id"), Chunk.status == ChunkStatus.PENDING)
+    .with_for_update(skip_locked=True)
+)
+_COUNT_ATTEMPT = (
+    update(Chunk)
+    .where(Chunk.id == bindparam("chunk_id"))
+    .values(attempts=Chunk.attempts + 1, available_at=bindparam("lease_until"))
+)
+_START_BATCH = (
+    update(Batch)
+    .where(Batch.id == bindparam("batch_id"), Batch.status == BatchStatus.QUEUED)
+    .values(status=BatchStatus.RUNNING, started_at=bindparam("now"))
+)
+# The chunk with its items, and what its batch says of them.
+_LOCK_CHUNK = (
+    select(
+        Chunk.id,
+        Chunk.batch_id,
+        Chunk.start_index,
+        Chunk.item_count,
+        Chunk.payload,
+        Chunk.duplicates,
+        Chunk.attempts,
+        Batch.tenant_id,
+        Batch.contract,
+    )
+    .join(Batch, Batch.id == Chunk.batch_id)
+    .where(Chunk.id == bindparam("chunk_id"), Chunk.status == ChunkStatus.PENDING)
+    .with_for_update(of=Chunk, skip_locked=True)
+)
+_END_CHUNK = (
+    update(Chunk)
+    .where(Chunk.id == bindparam("chunk_id"))
+    .values(status=bindparam("status"), payload=None, ended_at=bindparam("now"))
+)
+_ENDED = Batch.chunks_ended + 1
+_CHUNK_FAILED = bindparam("chunk_failed", type_=Integer)
+# The UPDATE takes the batch row's lock, so concurrent chunks of one batch count in turn and exactly one of
+# them sees the last chunk end.
+_COUNT_INTO_BATCH = (
+    update(Batch)
+    .where(Batch.id == bindparam("batch_id"))
+    .values(
+        processed=Batch.processed + bindparam("items", type_=Integer),
+        created=Batch.created + bindparam("created", type_=Integer),
+        failed=Batch.failed + bindparam("items_failed", type_=Integer),
+        chunks_ended=_ENDED,
+        chunks_failed=Batch.chunks_failed + _CHUNK_FAILED,
+        started_at=case((Batch.started_at.is_(None), bindparam("now")), else_=Batch.started_at),
+        status=case(
+            (Batch.chunk_count > _ENDED, BatchStatus.RUNNING),
+            (Batch.chunks_failed + _CHUNK_FAILED > 0, BatchStatus.FAILED),
+            else_=BatchStatus.COMPLETED,
+        ),
+        completed_at=case((Batch.chunk_count <= _ENDED, bindparam("now")), else_=None),
+    )
+)
 
 
 def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
     """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
     with _chunk_transaction(settings) as session:
-        chunk = _lock_pending(session, chunk_id, with_payload=False)
+        connection = session.connection()
+        chunk = connection.execute(_LOCK_PENDING, {"chunk_id": chunk_id}).one_or_none()
         if chunk is None:
             return False
         now = utcnow()
-        # Plain statements on the session's connection, here and in _end_chunk: the ORM's flush and its
-        # synchronizing of loaded objects cost more than the statements, for objects read no more.
-        connection = session.connection()
-        connection.execute(
-            update(Chunk)
-            .where(Chunk.id == chunk.id)
-            .values(
-                attempts=Chunk.attempts + 1,
-                available_at=now + timedelta(seconds=settings.chunk_lease_seconds),
-            )
-        )
-        connection.execute(
-            update(Batch)
-            .where(Batch.id == chunk.batch_id, Batch.status == BatchStatus.QUEUED)
-            .values(status=BatchStatus.RUNNING, started_at=now)
-        )
+        lease_until = now + timedelta(seconds=settings.chunk_lease_seconds)
+        connection.execute(_COUNT_ATTEMPT, {"chunk_id": chunk_id, "lease_until": lease_until})
+        connection.execute(_START_BATCH, {"batch_id": chunk.batch_id, "now": now})
         return True
 
 
@@ -91,7 +145,7 @@ def _chunk_transaction(settings: Settings) -> Iterator[Session]:
     with session_scope() as session:
         if is_postgresql(session):
             limit = f"{settings.chunk_lease_seconds}s"
-            session.execute(
+            session.connection().execute(
                 text(
                     "SELECT set_config('statement_timeout', :limit, true), "
                     "set_config('idle_in_transaction_session_timeout', :limit, true), "
@@ -102,24 +156,15 @@ def _chunk_transaction(settings: Settings) -> Iterator[Session]:
         yield session
 
 
-def _lock_pending(session: Session, chunk_id: uuid.UUID, *, with_payload: bool = True) -> Chunk | None:
-    # SKIP LOCKED: a second delivery of a chunk that another worker holds returns at once, not waits.
-    query = select(Chunk).where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.PENDING)
-    if not with_payload:
-        # Counting an attempt needs none of the chunk's items, which are most of its bytes.
-        query = query.options(defer(Chunk.payload))
-    return session.scalars(query.with_for_update(skip_locked=True)).one_or_none()
-
-
-def _validate_and_store(session: Session, contract: Contract, batch: Batch, chunk: Chunk) -> int:
+def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk) -> int:
     """Validate the chunk's items and store what they came to; return how many records were created."""
     assert chunk.payload is not None
     # Each element's text as the client sent it: the contract reads every number from its exact text.
     elements = _ELEMENTS.decode(chunk.payload.encode())
     failed: list[dict[str, Any]] = []
     valid: list[tuple[int, list[Any]]] = []
-    # Read once: the loop runs per item, and the chunk's attributes go through the ORM.
     start = chunk.start_index
+    batch_id = chunk.batch_id
     duplicates = {int(position): first for position, first in chunk.duplicates.items()}
     for position, element in enumerate(elements):
         values, errors, key = contract.read(bytes(element))
@@ -131,7 +176,7 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
         if errors:
             failed.append(
                 {
-                    "batch_id": batch.id,
+                    "batch_id": batch_id,
                     "idx": idx,
                     "status": ItemStatus.FAILED,
                     "code": key,
@@ -145,8 +190,8 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
     return store_outcomes(
         session,
         contract,
-        tenant_id=batch.tenant_id,
-        batch_id=batch.id,
+        tenant_id=chunk.tenant_id,
+        batch_id=batch_id,
         now=utcnow(),
         failed=failed,
         valid=valid,
@@ -156,7 +201,7 @@ def _validate_and_store(session: Session, contract: Contract, batch: Batch, chun
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
-def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:
+def _unprocessed(chunk: LockedChunk) -> list[dict[str, Any]]:
     return [
         {
             "batch_id": chunk.batch_id,
@@ -170,32 +215,19 @@ def _unprocessed(chunk: Chunk) -> list[dict[str, Any]]:
     ]
 
 
-def _end_chunk(session: Session, chunk: Chunk, batch_id: uuid.UUID, status: str, created: int) -> None:
+def _end_chunk(session: Session, chunk: LockedChunk, status: str, created: int) -> None:
     """Mark the chunk ended and count it into its batch; the last chunk to end closes the batch."""
     now = utcnow()
     connection = session.connection()
+    connection.execute(_END_CHUNK, {"chunk_id": chunk.id, "status": status, "now": now})
     connection.execute(
-        update(Chunk).where(Chunk.id == chunk.id).values(status=status, payload=None, ended_at=now)
-    )
-    chunk_failed = 1 if status == ChunkStatus.FAILED else 0
-    ended = Batch.chunks_ended + 1
-    # The UPDATE takes the batch row's lock, so concurrent chunks of one batch count in turn and exactly
-    # one of them sees the last chunk end.
-    connection.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values(
-            processed=Batch.processed + chunk.item_count,
-            created=Batch.created + created,
-            failed=Batch.failed + chunk.item_count - created,
-            chunks_ended=ended,
-            chunks_failed=Batch.chunks_failed + chunk_failed,
-            started_at=case((Batch.started_at.is_(None), now), else_=Batch.started_at),
-            status=case(
-                (ended < Batch.chunk_count, BatchStatus.RUNNING),
-                (Batch.chunks_failed + chunk_failed > 0, BatchStatus.FAILED),
-                else_=BatchStatus.COMPLETED,
-            ),
-            completed_at=case((ended >= Batch.chunk_count, now), else_=None),
-        )
+        _COUNT_INTO_BATCH,
+        {
+            "batch_id": chunk.batch_id,
+            "items": chunk.item_count,
+            "created": created,
+            "items_failed": chunk.item_count - created,
+            "chunk_failed": 1 if status == ChunkStatus.FAILED else 0,
+            "now": now,
+        },
     )
