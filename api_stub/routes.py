@@ -14,7 +14,6 @@ import redis
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from api_stub.auth import authenticated_tenant, issue_token, tenant_for_key
@@ -147,17 +146,8 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
         body = await read_body(request, settings.max_body_bytes)
         async with storing:
             submission = await run_in_threadpool(_store, body, tenant_id, key)
-        wait = _prefer_wait(request)
-        # The batch is durable once stored, so the 202 need not wait for the broker: the messages go out
-        # right after it is sent (a producer's next batch then no longer waits behind them), and if they
-        # never do, the reconciler enqueues the chunks, as after any failed enqueue. A client that asked to
-        # wait for the outcome needs them sent first.
-        enqueue = None
         if submission.chunk_ids:
-            if wait:
-                await run_in_threadpool(_enqueue, submission.chunk_ids)
-            else:
-                enqueue = BackgroundTask(_enqueue, submission.chunk_ids)
+            await run_in_threadpool(_enqueue, submission.chunk_ids)
         replayed = {"Idempotent-Replayed": "true"} if submission.replayed else {}
         accepted = JSONBody(
             {
@@ -169,8 +159,8 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
             },
             202,
             headers={"Location": f"{prefix}/batches/{submission.batch_id}", **replayed},
-            background=enqueue,
         )
+        wait = _prefer_wait(request)
         if not wait:
             return accepted
         outcome = await _wait_for_end(tenant_id, submission.batch_id, wait)
