@@ -15,6 +15,7 @@ import msgspec
 from fastapi import Request
 
 from api_stub.errors import ApiError
+from worker.contracts.base import ARRAY_ELEMENTS
 
 JSON_MEDIA_TYPE = "application/json"
 # A customer is one object of some 30 scalar fields. Allowing 100 JSON values per item leaves room for
@@ -73,7 +74,7 @@ def parse_items(body: bytes, max_items: int, key_of: Callable[[Any], str | None]
         raise ApiError(413, f"Request body must not hold more than {max_values} JSON values")
     invalid = ApiError(400, "Invalid JSON in request body")
     try:
-        elements = _ARRAY_OF_ELEMENTS.decode(body)
+        elements = ARRAY_ELEMENTS.decode(body)
     except msgspec.ValidationError:
         # Not an array, and maybe not JSON at all: the split stops at the first byte, a full parse tells.
         _parse(body)
@@ -85,9 +86,6 @@ def parse_items(body: bytes, max_items: int, key_of: Callable[[Any], str | None]
     if len(elements) > max_items:
         raise ApiError(422, f"Array must contain at most {max_items} items")
     return Items(elements, [key_of(_parse_element(bytes(element))) for element in elements])
-
-
-_ARRAY_OF_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _parse_element(element: bytes) -> Any:

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-import msgspec
 from sqlalchemy import Integer, Row, bindparam, case, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
+from worker.contracts.base import ARRAY_ELEMENTS
 from worker.db import is_postgresql, session_scope
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
@@ -160,7 +160,7 @@ def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk
     """Validate the chunk's items and store what they came to; return how many records were created."""
     assert chunk.payload is not None
     # Each element's text as the client sent it: the contract reads every number from its exact text.
-    elements = _ELEMENTS.decode(chunk.payload.encode())
+    elements = ARRAY_ELEMENTS.decode(chunk.payload.encode())
     failed: list[dict[str, Any]] = []
     valid: list[tuple[int, list[Any]]] = []
     start = chunk.start_index
@@ -196,9 +196,6 @@ def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk
         failed=failed,
         valid=valid,
     )
-
-
-_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _unprocessed(chunk: LockedChunk) -> list[dict[str, Any]]:
