@@ -193,7 +193,7 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
 
     def _store_new(body: bytes, tenant_id: uuid.UUID, key: tuple[str, str] | None) -> batches.Submission:
         settings = get_settings()
-        items = parse_items(body, settings.max_batch_items, contract.key_of)
+        items = parse_items(body, settings.max_batch_items, contract)
         with session_scope() as session:
             try:
                 batches.reserve_capacity(

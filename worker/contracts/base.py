@@ -7,8 +7,10 @@ fast path for items that are plainly valid (see ``Contract.read``).
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, Context, InvalidOperation
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 import jiter
 import msgspec
 from jiter import LosslessFloat
+from msgspec import UNSET, UnsetType
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,6 +54,8 @@ DECIMAL_FORMAT = "Field must be a valid decimal (e.g., 1.5, 10.25)"
 DECIMAL_NOT_FINITE = "Field must be a valid decimal number"
 # PostgreSQL text cannot hold NUL; refusing it here keeps one bad item from failing its whole chunk.
 INVALID_CHARACTERS = "Field must not contain NUL characters"
+# RFC 8259 leaves a repeated key's meaning open: which of the two values the client meant cannot be known.
+REPEATED = "Field appears more than once"
 
 # ASCII digits only: `\d` would also take Arabic-Indic or full-width digits, which Decimal() reads as well.
 _PLAIN_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
@@ -59,6 +64,7 @@ _NO_NUL = r"^[^\x00]*$"
 _NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
 ItemErrors = list[dict[str, str]]
+_JSON_NULL = msgspec.Raw(b"null")
 
 # A JSON array split into the texts of its elements, each byte for byte, without building them (msgspec
 # checks their syntax as it skips them): the receiver splits bodies with it, the worker stored chunks.
@@ -122,7 +128,11 @@ class Text:
         # No NUL check: Contract.read sends every item that could hold a NUL to the model.
         if self.required:
             return (self.name, Annotated[str, msgspec.Meta(min_length=1, max_length=self.max_length)])
-        return (self.name, Annotated[str, msgspec.Meta(max_length=self.max_length)] | None, None)
+        return (self.name, Annotated[str, msgspec.Meta(max_length=self.max_length)] | None | UnsetType, UNSET)
+
+    @property
+    def absent(self) -> Any:
+        return None
 
     def column(self) -> Column[Any]:
         return Column(self.name, String(self.max_length), nullable=not self.required)
@@ -200,7 +210,11 @@ class Decimal:
 
     def fast_field(self) -> tuple[Any, ...]:
         # The value's JSON text, whatever it is: Contract.read checks it against `fits_json`.
-        return (self.name, msgspec.Raw, msgspec.Raw(b"null"))
+        return (self.name, msgspec.Raw | UnsetType, UNSET)
+
+    @property
+    def absent(self) -> Any:
+        return _JSON_NULL
 
     @property
     def fits_json(self) -> str:
@@ -240,7 +254,11 @@ class Choice:
         raise PydanticCustomError("choice", "Value must be one of: " + ", ".join(self.values))
 
     def fast_field(self) -> tuple[Any, ...]:
-        return (self.name, Literal[self.values] | None, None)
+        return (self.name, Literal[self.values] | None | UnsetType, UNSET)
+
+    @property
+    def absent(self) -> Any:
+        return None
 
     def column(self) -> Column[Any]:
         width = max(len(v) for v in self.values)
@@ -286,6 +304,8 @@ class Contract:
     _fast_decimals: re.Pattern[str] = field(init=False)
     _decimal_at: list[int] = field(init=False)
     _key_at: int = field(init=False)
+    _absent: list[Any] = field(init=False)
+    _keys: msgspec.json.Decoder[Any] = field(init=False)
 
     def __post_init__(self) -> None:
         definitions: dict[str, Any] = {}
@@ -303,6 +323,13 @@ class Contract:
             kw_only=True,
         )
         self._fast = msgspec.json.Decoder(fast)
+        self._absent = [spec.absent for spec in self.fields]
+        # An array of items, each read for its key alone: msgspec skips the other keys without building them,
+        # and a key that is not a plain value fails the whole read rather than be built.
+        head = msgspec.defstruct(
+            f"{self.name.title()}Key", [(self.key, str | int | float | bool | None, None)]
+        )
+        self._keys = msgspec.json.Decoder(list[head])  # type: ignore[valid-type]
         self._decimal_at = [i for i, spec in enumerate(self.fields) if isinstance(spec, Decimal)]
         self._fast_decimals = re.compile(
             "\n".join(spec.fits_json for spec in self.fields if isinstance(spec, Decimal))
@@ -355,6 +382,13 @@ class Contract:
             return values, [], values[self._key_at]
         item = jiter.from_json(element, float_mode="lossless-float")
         validated, errors = self.validate(item)
+        repeated = [key for key in _repeated_keys(element, item) if key in self._position]
+        if repeated:
+            # Each repeated field fails for its repetition alone; its last value, which the item holds, is
+            # not worth a message of its own.
+            errors = [error for error in errors if error.get("field") not in repeated]
+            errors += [{"field": key, "message": REPEATED} for key in repeated]
+            return None, self.ordered(errors), self.key_of(item)
         if validated is None:
             return None, errors, self.key_of(item)
         values = list(validated.values())
@@ -381,6 +415,13 @@ class Contract:
         except msgspec.ValidationError:
             return None
         values = list(msgspec.structs.astuple(record))
+        absent = values.count(UNSET)
+        if not _keys_once(element, values, len(values) - absent):
+            return None
+        if absent:
+            values = [
+                blank if value is UNSET else value for value, blank in zip(values, self._absent, strict=True)
+            ]
         at = self._decimal_at
         fits = self._fast_decimals.fullmatch(b"\n".join([values[i] for i in at]).decode())
         if fits is None:
@@ -395,6 +436,15 @@ class Contract:
         last = len(self.fields)
         return sorted(errors, key=lambda e: self._position.get(e.get("field", ""), last))
 
+    def keys_of(self, body: bytes) -> list[str | None] | None:
+        """The key of each element of a JSON array, as ``key_of`` gives it, read without building the
+        elements; None when an element is not an object or its key is not a plain value."""
+        try:
+            heads = self._keys.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        return [self._accepted_key(value) for (value,) in map(msgspec.structs.astuple, heads)]
+
     def key_of(self, item: Any) -> str | None:
         """The item's uniqueness key when the key field could accept it; the receiver uses it for duplicate
         facts and the worker stores it with the item's result.
@@ -402,8 +452,36 @@ class Contract:
         A key the field refuses anyway (too long, or holding NUL, which PostgreSQL text cannot store and
         which would fail the whole chunk) is no key: such an item fails on its key whatever else it repeats.
         """
-        if isinstance(item, dict):
-            value = item.get(self.key)
-            if isinstance(value, str) and 0 < len(value) <= self._key_length and "\x00" not in value:
-                return value
+        return self._accepted_key(item.get(self.key)) if isinstance(item, dict) else None
+
+    def _accepted_key(self, value: Any) -> str | None:
+        if isinstance(value, str) and 0 < len(value) <= self._key_length and "\x00" not in value:
+            return value
         return None
+
+
+def _keys_once(element: bytes, values: list[Any], present: int) -> bool:
+    """Whether no key of the fast struct's ``element`` was given twice: msgspec keeps a repeated key's last
+    value without a word.
+
+    Every ':' of the text ends a key or lies inside a string. A struct field holds one key, so when the
+    text's ':' are as many as the keys present plus the ':' in the decoded strings, no ':' is left for a
+    repeated key (whose earlier value, and its ':', the struct lost). An escaped ':' (``\\u003a``) would
+    count in the strings but not in the text, so such an element is never said to pass.
+    """
+    colons = element.count(b":")
+    if colons == present:
+        return True
+    if b"\\u003a" in element or b"\\u003A" in element:
+        return False
+    return colons == present + sum(value.count(":") for value in values if type(value) is str)
+
+
+def _repeated_keys(element: bytes, item: Any) -> list[str]:
+    """The keys ``element``'s object gives more than once, in the order they first appear."""
+    if type(item) is not dict or element.count(b":") == len(item):
+        # Every ':' ended a distinct key.
+        return []
+    pairs = json.loads(element, object_pairs_hook=list)
+    counts = Counter(key for key, _ in pairs)
+    return [key for key, count in counts.items() if count > 1]
