@@ -769,7 +769,7 @@ def test_poison_chunk_that_cannot_be_read_is_given_up(
         with engine.begin() as conn:
             corrupted = conn.execute(
                 sa.text("UPDATE chunks SET payload = :p WHERE batch_id = CAST(:b AS uuid) AND seq = 1"),
-                {"p": "\\ not json", "b": batch.batch_id},
+                {"p": b"\\ not json", "b": batch.batch_id},
             ).rowcount
         assert corrupted == 1
     check_stream("poison chunk (unreadable payload)", faults, db, [batch], [submitted])

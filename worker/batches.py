@@ -153,7 +153,7 @@ def submit_batch(
                 "seq": seq,
                 "start_index": start,
                 "item_count": len(part),
-                "payload": (b"[" + b",".join(part) + b"]").decode(),
+                "payload": b"[" + b",".join(part) + b"]",
                 "duplicates": duplicates,
                 "available_at": now + timedelta(seconds=lease_seconds),
             }

@@ -28,7 +28,7 @@ from worker.storage import store_outcomes, write_results
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
 
 # A locked chunk as _LOCK_CHUNK reads it.
-LockedChunk = Row[uuid.UUID, uuid.UUID, int, int, str | None, dict[str, int], int, uuid.UUID, str]
+LockedChunk = Row[uuid.UUID, uuid.UUID, int, int, dict[str, int], int, uuid.UUID, str]
 
 
 def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
@@ -77,7 +77,6 @@ _LOCK_CHUNK = (
         Chunk.batch_id,
         Chunk.start_index,
         Chunk.item_count,
-        Chunk.payload,
         Chunk.duplicates,
         Chunk.attempts,
         Batch.tenant_id,
@@ -87,6 +86,10 @@ _LOCK_CHUNK = (
     .where(Chunk.id == bindparam("chunk_id"), Chunk.status == ChunkStatus.PENDING)
     .with_for_update(of=Chunk, skip_locked=True)
 )
+_PAYLOAD = select(Chunk.payload).where(Chunk.id == bindparam("chunk_id"))
+# bytea comes as hex text unless asked for in the binary format: twice its size, encoded by the server and
+# decoded here.
+_PAYLOAD_BINARY = "SELECT payload FROM chunks WHERE id = %s"
 _END_CHUNK = (
     update(Chunk)
     .where(Chunk.id == bindparam("chunk_id"))
@@ -156,11 +159,22 @@ def _chunk_transaction(settings: Settings) -> Iterator[Session]:
         yield session
 
 
+def _payload(session: Session, chunk_id: uuid.UUID) -> bytes:
+    connection = session.connection()
+    if is_postgresql(session):
+        with connection.connection.driver_connection.cursor(binary=True) as cursor:  # type: ignore[union-attr]
+            row = cursor.execute(_PAYLOAD_BINARY, (chunk_id,)).fetchone()
+        payload = None if row is None else row[0]
+    else:
+        payload = connection.execute(_PAYLOAD, {"chunk_id": chunk_id}).scalar_one()
+    assert payload is not None, "a pending chunk keeps its payload"
+    return bytes(payload)
+
+
 def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk) -> int:
     """Validate the chunk's items and store what they came to; return how many records were created."""
-    assert chunk.payload is not None
     # Each element's text as the client sent it: the contract reads every number from its exact text.
-    elements = ARRAY_ELEMENTS.decode(chunk.payload.encode())
+    elements = ARRAY_ELEMENTS.decode(_payload(session, chunk.id))
     failed: list[dict[str, Any]] = []
     valid: list[tuple[int, list[Any]]] = []
     start = chunk.start_index

@@ -16,8 +16,8 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
-    Text,
     Uuid,
     func,
     text,
@@ -108,7 +108,7 @@ class Chunk(Base):
     start_index: Mapped[int] = mapped_column(Integer)
     item_count: Mapped[int] = mapped_column(Integer)
     # The chunk's items as compact JSON; cleared once the chunk has ended, so raw input does not linger.
-    payload: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     # {position in chunk: batch index of the first item with the same key}, decided at submission.
     duplicates: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.PENDING)
