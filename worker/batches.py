@@ -6,6 +6,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import compress
+from operator import ne
 from typing import Any, cast
 
 import orjson
@@ -135,17 +137,19 @@ def submit_batch(
     """
     now = utcnow()
     batch_id = uuid.uuid4()
-    first_index: dict[str, int] = {}
+    count = len(items)
+    # Built in C, not a Python step per item: a dict from the last item to the first keeps each key's
+    # earliest index, and only the items whose key has an earlier index are visited in Python.
+    first_index = dict(zip(reversed(keys), range(count - 1, -1, -1), strict=True))
+    later = compress(range(count), map(ne, map(first_index.__getitem__, keys), range(count)))
+    duplicates: list[dict[str, int]] = [{} for _ in range(0, count, chunk_size)]
+    for index in later:
+        key = keys[index]
+        if key is not None:
+            duplicates[index // chunk_size][str(index % chunk_size)] = first_index[key]
     chunks: list[dict[str, Any]] = []
-    for seq, start in enumerate(range(0, len(items), chunk_size)):
+    for seq, start in enumerate(range(0, count, chunk_size)):
         part = items[start : start + chunk_size]
-        duplicates: dict[str, int] = {}
-        for position, key in enumerate(keys[start : start + chunk_size]):
-            if key is None:
-                continue
-            first = first_index.setdefault(key, start + position)
-            if first != start + position:
-                duplicates[str(position)] = first
         chunks.append(
             {
                 "id": uuid.uuid4(),
@@ -154,7 +158,7 @@ def submit_batch(
                 "start_index": start,
                 "item_count": len(part),
                 "payload": b"[" + b",".join(part) + b"]",
-                "duplicates": duplicates,
+                "duplicates": duplicates[seq],
                 "available_at": now + timedelta(seconds=lease_seconds),
             }
         )
