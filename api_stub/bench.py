@@ -68,7 +68,6 @@ TARGET_WORKER_RSS_MB = 300
 # The POST and status targets are for batches of this size; smaller batches are measured but not judged.
 TARGET_BATCH_ITEMS = 10_000
 
-WARMUP_ITEMS = 100
 INVALID_SHARE = 0.05
 DUPLICATE_SHARE = 0.02
 EXISTING_PER_BATCH = 3
@@ -830,18 +829,44 @@ class Figures:
 # ----- the run
 
 
-def plan(options: BenchOptions) -> tuple[PlannedBatch, list[PlannedBatch]]:
-    """The warm-up batch (all valid: its codes are the existing ones later batches reuse) and the timed
+def plan(options: BenchOptions) -> tuple[list[PlannedBatch], list[PlannedBatch]]:
+    """The warm-up batches (all valid: their codes are the existing ones later batches reuse) and the timed
     batches. Only codes the warm-up created are reused: it has ended before the timed batches are sent,
-    whereas a code of another timed batch could be created after the item reusing it is processed."""
+    whereas a code of another timed batch could be created after the item reusing it is processed.
+
+    One warm-up batch per producer, each of a chunk per worker process, sent at once: every worker process
+    and every connection the receiver opens for concurrent requests has started before the clock does
+    (the first chunk a process takes, and the first request on a new connection, pay for connecting and
+    for building statements and caches)."""
     rng = random.Random(options.seed)
-    warmup = plan_batch(rng, "WARM", WARMUP_ITEMS, [], mixed=False)
-    existing = [code for code in warmup.codes if code is not None]
+    size = min(options.items, get_settings().chunk_size * options.processes)
+    warmups = [plan_batch(rng, f"WARM{n}", size, [], mixed=False) for n in range(options.producers)]
+    existing = [code for warmup in warmups for code in warmup.codes if code is not None]
     timed = [
         plan_batch(rng, f"CLI-{number:04d}", options.items, existing, mixed=True)
         for number in range(1, options.batches + 1)
     ]
-    return warmup, timed
+    return warmups, timed
+
+
+def warm_up(deploy: Deployment, warmups: list[PlannedBatch]) -> None:
+    """POST the warm-up batches at once, one per producer, and wait until each has ended as expected."""
+    run = Submissions(pending=queue.Queue())
+    for warmup in warmups:
+        run.pending.put(warmup)
+    deadline = time.monotonic() + READY_SECONDS
+    producers = [threading.Thread(target=produce, args=(deploy, run, deadline)) for _ in warmups]
+    for producer in producers:
+        producer.start()
+    for producer in producers:
+        producer.join()
+    if run.errors:
+        raise BenchError("warm-up: " + "; ".join(run.errors[:3]))
+    with deploy.client() as client:
+        for warmup in warmups:
+            problems = warmup.mismatches(ended_status(client, warmup, timeout=READY_SECONDS))
+            if problems:
+                raise BenchError("warm-up batch: " + "; ".join(problems[:5]))
 
 
 def measure(
@@ -908,27 +933,15 @@ def run(options: BenchOptions) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         say(f"generating {options.batches} x {options.items:,} customers (seed {options.seed})")
-        warmup, timed = plan(options)
+        warmups, timed = plan(options)
         with (
             tempfile.TemporaryDirectory(prefix="clientela-bench-") as tmp,
             services(Path(tmp), say) as svc,
             deployment(svc, options, Path(tmp), say) as deploy,
         ):
-            say(
-                f"warm-up: one batch of {WARMUP_ITEMS} items, so that the worker processes import and connect"
-            )
-            with deploy.client() as client:
-                r = client.post(
-                    "/v1/customers/batch-create",
-                    content=warmup.body,
-                    headers={"Content-Type": "application/json"},
-                )
-                if r.status_code != 202:
-                    raise BenchError(f"warm-up POST answered {r.status_code}: {r.text[:300]}")
-                warmup.batch_id = str(r.json()["batchId"])
-                problems = warmup.mismatches(ended_status(client, warmup, timeout=READY_SECONDS))
-                if problems:
-                    raise BenchError("warm-up batch: " + "; ".join(problems[:5]))
+            warming = f"{len(warmups)} batches of {warmups[0].total:,} items sent at once"
+            say(f"warm-up: {warming}, so that every worker process and receiver connection has started")
+            warm_up(deploy, warmups)
             version, settings = server_facts(svc.dsn)
             out.print(
                 f"clientela bench: {options.batches} batches x {options.items:,} items; worker processes: "
@@ -936,7 +949,7 @@ def run(options: BenchOptions) -> int:
                 f"machine: {os.cpu_count()} CPUs; PostgreSQL {version}\n"
                 f"services: {svc.description}\n"
                 f"PostgreSQL settings: {settings}\n"
-                f"warm-up: one {WARMUP_ITEMS}-item batch completed before timing",
+                f"warm-up: {warming}, completed before timing",
                 markup=False,
                 soft_wrap=True,
             )

@@ -83,7 +83,8 @@ def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]
         time.sleep(0.2)
     assert left == [], f"processes the bench started are still running: {left}"
 
-    assert "warm-up: one 100-item batch completed before timing" in stdout
+    # One warm-up batch per producer, of a chunk per worker process.
+    assert re.search(r"warm-up: 2 batches of [\d,]+ items sent at once, completed before timing", stdout)
     for name in FIGURE_NAMES:
         assert name in stdout, f"{name!r} missing from the table:\n{stdout}"
     last = stdout.strip().splitlines()[-1]
