@@ -10,6 +10,7 @@ from itertools import compress
 from operator import ne
 from typing import Any, cast
 
+import lz4.frame
 import orjson
 from sqlalchemy import CursorResult, delete, func, insert, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -157,7 +158,7 @@ def submit_batch(
                 "seq": seq,
                 "start_index": start,
                 "item_count": len(part),
-                "payload": b"[" + b",".join(part) + b"]",
+                "payload": lz4.frame.compress(b"[" + b",".join(part) + b"]"),
                 "duplicates": duplicates[seq],
                 "available_at": now + timedelta(seconds=lease_seconds),
             }

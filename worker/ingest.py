@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import lz4.frame
 from sqlalchemy import Integer, Row, bindparam, case, select, text, update
 from sqlalchemy.orm import Session
 
@@ -168,7 +169,8 @@ def _payload(session: Session, chunk_id: uuid.UUID) -> bytes:
     else:
         payload = connection.execute(_PAYLOAD, {"chunk_id": chunk_id}).scalar_one()
     assert payload is not None, "a pending chunk keeps its payload"
-    return bytes(payload)
+    items: bytes = lz4.frame.decompress(payload)
+    return items
 
 
 def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk) -> int:
