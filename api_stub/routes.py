@@ -194,25 +194,20 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
     def _store_new(body: bytes, tenant_id: uuid.UUID, key: tuple[str, str] | None) -> batches.Submission:
         settings = get_settings()
         items = parse_items(body, settings.max_batch_items, contract)
+        batch = batches.new_batch(
+            contract=contract, items=items.elements, keys=items.keys, chunk_size=settings.chunk_size
+        )
         with session_scope() as session:
             try:
-                batches.reserve_capacity(
-                    session, tenant_id, len(items.elements), settings.max_items_in_progress
-                )
+                batches.reserve_capacity(session, tenant_id, batch.total, settings.max_items_in_progress)
             except batches.TooManyInProgress:
                 raise ApiError(
                     429,
                     "Too many items in progress",
                     headers={"Retry-After": str(BACKPRESSURE_RETRY_AFTER_SECONDS)},
                 ) from None
-            submission = batches.submit_batch(
-                session,
-                tenant_id=tenant_id,
-                contract=contract,
-                items=items.elements,
-                keys=items.keys,
-                chunk_size=settings.chunk_size,
-                lease_seconds=settings.chunk_lease_seconds,
+            submission = batches.store_batch(
+                session, tenant_id=tenant_id, batch=batch, lease_seconds=settings.chunk_lease_seconds
             )
             if key is not None:
                 batches.claim_key(session, tenant_id, *key, submission.batch_id)
