@@ -58,6 +58,7 @@ def serve(
     import uvicorn
 
     from api_stub.app import create_app
+    from worker.tasks import tune_garbage_collector
 
     settings = get_settings()
     runtime = None
@@ -74,8 +75,10 @@ def serve(
             f"Then a token:            curl -X POST http://{host}:{port}/v1/token "
             '-H "Ocp-Apim-Subscription-Key: KEY"'
         )
+    app = create_app()
+    tune_garbage_collector()
     try:
-        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         if runtime is not None:
             runtime.stop()

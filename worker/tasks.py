@@ -57,22 +57,26 @@ def make_app() -> Celery:
 
 app = make_app()
 
-# Allocations between young collections of the garbage collector. A chunk allocates tens of thousands of
-# objects (parsed items, validated records) that reference counting frees, not the collector, so the
-# default of 700 only buys collections that find next to nothing.
+# Allocations between young collections of the garbage collector. A chunk, or a batch the receiver stores,
+# allocates tens of thousands of objects (parsed items, validated records, element texts) that reference
+# counting frees, not the collector, so the default of 700 only buys collections that find next to nothing.
 GC_YOUNG_THRESHOLD = 20_000
 
 
-@worker_process_init.connect
-def _tune_garbage_collector(**_: object) -> None:
-    """In each pool process: freeze what the process holds after start-up, and collect less often.
+def tune_garbage_collector() -> None:
+    """Freeze what the process holds after start-up, and collect less often.
 
     Full collections then skip the ~130,000 objects of the loaded libraries, which never become garbage.
     Measured over a 20 x 10,000-item bench run, the collector's time in each pool process fell from
-    0.81-0.83 s to 0.12-0.19 s.
+    0.81-0.83 s to 0.12-0.19 s; in the receiver, one full collection of 101 ms had fallen in a POST.
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+@worker_process_init.connect
+def _tune_pool_process(**_: object) -> None:
+    tune_garbage_collector()
 
 
 @app.task(name=PROCESS_CHUNK)
