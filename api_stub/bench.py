@@ -93,6 +93,7 @@ class BenchOptions:
     items: int
     processes: int
     producers: int
+    worker_nice: int
     seed: int
     json_line: bool
 
@@ -426,7 +427,12 @@ def deployment(
     ]
     port = free_port()
     receiver = ChildProcess("receiver", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, workdir)
-    worker = ChildProcess("worker", ["worker", "--concurrency", str(options.processes)], env, workdir)
+    worker = ChildProcess(
+        "worker",
+        ["worker", "--concurrency", str(options.processes), "--nice", str(options.worker_nice)],
+        env,
+        workdir,
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         receiver.start()
@@ -945,7 +951,8 @@ def run(options: BenchOptions) -> int:
             version, settings = server_facts(svc.dsn)
             out.print(
                 f"clientela bench: {options.batches} batches x {options.items:,} items; worker processes: "
-                f"{options.processes} (one host); producers: {options.producers}; seed: {options.seed}\n"
+                f"{options.processes} (one host, nice {options.worker_nice}); "
+                f"producers: {options.producers}; seed: {options.seed}\n"
                 f"machine: {os.cpu_count()} CPUs; PostgreSQL {version}\n"
                 f"services: {svc.description}\n"
                 f"PostgreSQL settings: {settings}\n"

@@ -1,4 +1,4 @@
-"""The `clientela` command line: idempotent migrations, tenant creation, required settings."""
+"""The `clientela` command line: idempotent migrations, tenant creation, required settings, priorities."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import psutil
+
 from api_stub.local_services import clientela_command, free_port
-from tests.services import run_cli
+from tests.services import Workers, run_cli
 
 
 def test_migrate_is_idempotent(migrated: dict[str, str]) -> None:
@@ -42,3 +44,17 @@ def test_serve_refuses_to_start_without_a_secret_key(migrated: dict[str, str], t
     )
     assert proc.returncode != 0
     assert "CLIENTELA_SECRET_KEY" in proc.stdout + proc.stderr
+
+
+def test_the_worker_host_gives_up_cpu_priority(workers: Workers) -> None:
+    """`clientela worker` runs at nice 10 by default, pool processes included; leading its own session (as
+    the tests start it), its scheduling group does too, so the receiver on the same machine runs first."""
+    for started in workers.processes:
+        assert started.proc is not None
+        host = psutil.Process(started.proc.pid)
+        pool = host.children(recursive=True)
+        assert pool, "the prefork pool has started"
+        assert [p.nice() for p in [host, *pool]] == [10] * (1 + len(pool))
+        autogroup = Path(f"/proc/{host.pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "10"
