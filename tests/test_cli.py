@@ -7,10 +7,14 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import lz4.frame
 import psutil
+import sqlalchemy as sa
+from alembic import command
 
 from api_stub.local_services import clientela_command, free_port
-from tests.services import Workers, run_cli
+from tests.services import PostgresServer, Workers, run_cli
+from worker.migrate import alembic_config
 
 
 def test_migrate_is_idempotent(migrated: dict[str, str]) -> None:
@@ -58,3 +62,51 @@ def test_the_worker_host_gives_up_cpu_priority(workers: Workers) -> None:
         autogroup = Path(f"/proc/{host.pid}/autogroup")
         if autogroup.exists():
             assert autogroup.read_text().split()[-1] == "10"
+
+
+def test_migrations_keep_the_items_of_pending_chunks(
+    postgres: PostgresServer, migrated: dict[str, str]
+) -> None:
+    """A chunk still pending when `clientela migrate` upgrades a schema of revision 0003 (which stored the
+    items as text) keeps its items, in the form today's workers read; a downgrade gives them back as text."""
+    name = f"upgrade_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(name)
+    url = postgres.url(name)
+    config = alembic_config(url)
+    command.upgrade(config, "0003")
+    items = '[{"code": "Ñ-1", "name": "x", "quota": 9999999999999999.99}]'
+    engine = sa.create_engine(url)
+    tenant, batch, chunk = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO tenants (id, name, key_hash) VALUES (:t, :name, :t)"),
+                {"t": tenant, "name": name},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO batches (id, tenant_id, contract, status, total, processed, created, failed,"
+                    " chunk_count, chunks_ended, chunks_failed, submitted_at)"
+                    " VALUES (:b, :t, 'customers', 'QUEUED', 1, 0, 0, 0, 1, 0, 0, now())"
+                ),
+                {"b": batch, "t": tenant},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO chunks (id, batch_id, seq, start_index, item_count, payload, duplicates,"
+                    " status, attempts, available_at)"
+                    " VALUES (:c, :b, 0, 0, 1, :items, '{}', 'PENDING', 0, now())"
+                ),
+                {"c": chunk, "b": batch, "items": items},
+            )
+        stored = sa.text("SELECT payload FROM chunks WHERE id = :c")
+
+        run_cli(["migrate"], {**migrated, "CLIENTELA_DATABASE_URL": url}, timeout=120)
+        with engine.connect() as conn:
+            assert lz4.frame.decompress(conn.execute(stored, {"c": chunk}).scalar_one()) == items.encode()
+
+        command.downgrade(config, "0003")
+        with engine.connect() as conn:
+            assert conn.execute(stored, {"c": chunk}).scalar_one() == items
+    finally:
+        engine.dispose()

@@ -37,8 +37,12 @@ def downgrade() -> None:
 def _recode_pending(recode: Callable[[bytes], bytes]) -> None:
     """Payloads of chunks still pending, in the other form; ended chunks have none."""
     bind = op.get_bind()
-    pending = bind.execute(sa.text("SELECT id, payload FROM chunks WHERE payload IS NOT NULL")).all()
-    for chunk_id, payload in pending:
+    # One payload in memory at a time: a backlog can hold many.
+    pending = bind.execute(sa.text("SELECT id FROM chunks WHERE payload IS NOT NULL")).scalars().all()
+    for chunk_id in pending:
+        payload = bind.execute(
+            sa.text("SELECT payload FROM chunks WHERE id = :id"), {"id": chunk_id}
+        ).scalar_one()
         bind.execute(
             sa.text("UPDATE chunks SET payload = :payload WHERE id = :id"),
             {"payload": recode(bytes(payload)), "id": chunk_id},
