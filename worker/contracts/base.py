@@ -131,10 +131,6 @@ class Text:
             return (self.name, Annotated[str, msgspec.Meta(min_length=1, max_length=self.max_length)])
         return (self.name, Annotated[str, msgspec.Meta(max_length=self.max_length)] | None | UnsetType, UNSET)
 
-    @property
-    def absent(self) -> Any:
-        return None
-
     def column(self) -> Column[Any]:
         return Column(self.name, String(self.max_length), nullable=not self.required)
 
@@ -214,10 +210,6 @@ class Decimal:
         return (self.name, msgspec.Raw | UnsetType, UNSET)
 
     @property
-    def absent(self) -> Any:
-        return _JSON_NULL
-
-    @property
     def fits_json(self) -> str:
         """The JSON texts the fast path takes for this field: null, or a number or a string holding a
         plain decimal that fits; the decimal's text is captured (one group for each form)."""
@@ -256,10 +248,6 @@ class Choice:
 
     def fast_field(self) -> tuple[Any, ...]:
         return (self.name, Literal[self.values] | None | UnsetType, UNSET)
-
-    @property
-    def absent(self) -> Any:
-        return None
 
     def column(self) -> Column[Any]:
         width = max(len(v) for v in self.values)
@@ -325,7 +313,8 @@ class Contract:
             kw_only=True,
         )
         self._fast = msgspec.json.Decoder(fast)
-        self._absent = [spec.absent for spec in self.fields]
+        # What read gives for a field the item leaves out: the model's None, or a decimal's JSON null text.
+        self._absent = [_JSON_NULL if isinstance(spec, Decimal) else None for spec in self.fields]
         # An array of items, each read for its key alone: msgspec skips the other keys without building them,
         # and a key that is not a plain value fails the whole read rather than be built.
         head = msgspec.defstruct(
