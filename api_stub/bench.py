@@ -308,6 +308,8 @@ class Services:
     broker_url: str
     secret_key: str
     description: str
+    # The servers' main processes when the bench started them: their CPU is measured too.
+    server_pids: dict[str, int] = field(default_factory=dict)
 
     @property
     def dsn(self) -> str:
@@ -346,6 +348,11 @@ def services(workdir: Path, say: Callable[[str], None]) -> Iterator[Services]:
             secrets.token_urlsafe(48),
             f"private: PostgreSQL 127.0.0.1:{postgres.port}, Redis 127.0.0.1:{redis.port} "
             "(started and stopped by the bench)",
+            {
+                name: server.proc.pid
+                for name, server in (("PostgreSQL", postgres), ("Redis", redis))
+                if server.proc
+            },
         )
     finally:
         redis.stop()
@@ -515,6 +522,70 @@ class RssSampler:
         if self.thread is not None:
             self.thread.join()
         self.sample()
+
+
+# Where Linux counts a CPU's time; guest time is already within user time.
+_CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def _busy_share(before: Any, after: Any) -> float:
+    """The share of all CPUs' time between two readings spent neither idle nor waiting for I/O."""
+    spent = {state: getattr(after, state, 0.0) - getattr(before, state, 0.0) for state in _CPU_STATES}
+    total = sum(spent.values())
+    return 1 - (spent["idle"] + spent["iowait"]) / total if total > 0 else 0.0
+
+
+def _on_cpu_seconds(pid: int) -> float:
+    """The time a process's threads have run, from the scheduler's nanosecond counters.
+
+    /proc/<pid>/stat, which psutil reads, counts in 10 ms steps: more than a small run's whole share.
+    """
+    nanoseconds = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended after the listing
+            nanoseconds += int((task / "schedstat").read_text().split()[0])
+    return nanoseconds / 1e9
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used over the timed run by each group of processes: in ``trees`` a main process and its
+    descendants, in ``alone`` a process without its children (the bench, whose children are the others).
+
+    Read from the scheduler's per-thread counters at the start and the end; a process or thread that ends in
+    between loses its share, which the run's processes (pool processes, pooled connections) do not do.
+    """
+
+    trees: dict[str, int]
+    alone: dict[str, int]
+    started: dict[str, dict[int, float]] = field(default_factory=dict)
+    machine: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    busy: float = 0.0
+
+    def _read(self) -> dict[str, dict[int, float]]:
+        found: dict[str, dict[int, float]] = {}
+        for name, pid in {**self.trees, **self.alone}.items():
+            found[name] = {}
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                members = [root, *root.children(recursive=True)] if name in self.trees else [root]
+                for process in members:
+                    with contextlib.suppress(OSError):
+                        found[name][process.pid] = _on_cpu_seconds(process.pid)
+        return found
+
+    def start(self) -> None:
+        self.machine = psutil.cpu_times()
+        self.started = self._read()
+
+    def stop(self) -> None:
+        ended = self._read()
+        self.seconds = {
+            name: sum(cpu - self.started[name].get(pid, 0.0) for pid, cpu in ended[name].items())
+            for name in ended
+        }
+        self.busy = _busy_share(self.machine, psutil.cpu_times())
 
 
 @dataclass
@@ -724,6 +795,9 @@ class Figures:
     post_seconds: list[float]
     status_seconds: list[float]
     worker_peak_rss: int
+    # CPU seconds each group of processes used over the timed run, and the share of the machine's CPUs busy.
+    cpu_seconds: dict[str, float]
+    cpu_busy: float
 
     @property
     def items(self) -> int:
@@ -774,6 +848,11 @@ class Figures:
             "created": self.created,
             "failed": self.failed,
             "throttled": self.throttled,
+            "cpu_us_per_item": {
+                name.replace(" ", "_").lower(): round(seconds / self.items * 1e6, 1)
+                for name, seconds in self.cpu_seconds.items()
+            },
+            "cpu_busy": round(self.cpu_busy, 3),
             "met": self.met(),
         }
 
@@ -829,6 +908,10 @@ class Figures:
         )
         table.add_row("429 answers (retried)", f"{self.throttled:,}", "", "")
         table.add_row("items created / failed", f"{self.created:,} / {self.failed:,}", "", "")
+        for name, seconds in self.cpu_seconds.items():
+            per_item = seconds / self.items * 1e6
+            table.add_row(f"CPU per item: {name}", f"{per_item:.1f} µs ({seconds:.2f} s in all)", "", "")
+        table.add_row("CPUs busy over the run", f"{self.cpu_busy:.0%} of {os.cpu_count()}", "", "")
         return table
 
 
@@ -886,6 +969,10 @@ def measure(
     for batch in timed:
         run.pending.put(batch)
     sampler = RssSampler(deploy.worker.pid)
+    meter = CpuMeter(
+        trees={"worker host": deploy.worker.pid, **svc.server_pids, "receiver": deploy.receiver.pid},
+        alone={"bench client": os.getpid()},
+    )
     deadline = time.monotonic() + END_DEADLINE_SECONDS
     producers = [
         threading.Thread(target=produce, args=(deploy, run, deadline), name=f"producer-{n}", daemon=True)
@@ -893,12 +980,14 @@ def measure(
     ]
     with deploy.client() as client:
         sampler.start()
+        meter.start()
         try:
             for producer in producers:
                 producer.start()
             completed_at, seen = wait_until_ended(client, timed, run, producers)
         finally:
             sampler.stop()
+        meter.stop()
         say("every batch has ended; verifying every result, then the status latency and the COPY ceiling")
         # completedAt is the workers' clock: fall back on the poll's when the two plainly disagree.
         end = completed_at if run.first_post < completed_at <= seen + 1 else seen
@@ -918,6 +1007,8 @@ def measure(
         post_seconds=run.accepted_seconds,
         status_seconds=status_seconds,
         worker_peak_rss=sampler.peak,
+        cpu_seconds=meter.seconds,
+        cpu_busy=meter.busy,
     )
 
 

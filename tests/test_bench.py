@@ -106,6 +106,11 @@ def check_figures(figures: dict[str, Any], batches: int, items: int) -> None:
     assert figures["post_p50_ms"] <= figures["post_p99_ms"]
     assert figures["status_p50_ms"] <= figures["status_p99_ms"]
     assert figures["throttled"] >= 0
+    # Where the CPU went: each process group the bench started, and itself, did work in the timed run.
+    cpu = figures["cpu_us_per_item"]
+    for group in ("worker_host", "receiver", "bench_client"):
+        assert cpu[group] > 0, cpu
+    assert 0 < figures["cpu_busy"] <= 1
     # Below 10,000 items per batch the size-bound targets are not judged; the others are, either way.
     assert figures["met"]["post_p99_ms"] is None
     assert figures["met"]["status_p99_ms"] is None
@@ -124,6 +129,8 @@ def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_serve
     )
     stdout, figures = run_bench(["--batches", "3", "--items", "2000", "--processes", "1"], env)
     assert "services: given: PostgreSQL 127.0.0.1" in stdout
+    # A server the bench did not start is not its to measure.
+    assert "postgresql" not in figures["cpu_us_per_item"]
     check_figures(figures, batches=3, items=2000)
 
 
@@ -137,6 +144,7 @@ def test_bench_starts_and_stops_its_own_services() -> None:
         unavailable("redis-server not found")
     stdout, figures = run_bench(["--batches", "1", "--items", "500", "--processes", "1"], clean_env())
     assert "fsync=on synchronous_commit=on" in stdout
+    assert figures["cpu_us_per_item"]["postgresql"] > 0
     check_figures(figures, batches=1, items=500)
     # Redis overwrites its environment with its process title, so its port tells whether it still runs.
     services = re.search(
