@@ -145,8 +145,10 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     _settings_or_exit()
     from worker.tasks import app
 
-    schedule = Path(tempfile.gettempdir()) / f"clientela-beat-{os.getpid()}"
-    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+    # The schedule file only remembers when the reconciler last ran, which a restart may forget: a private
+    # directory keeps two beats apart and goes with this one, where a file per pid piled up in /tmp.
+    with tempfile.TemporaryDirectory(prefix="clientela-beat-") as directory:
+        app.start(["beat", f"--loglevel={loglevel}", f"--schedule={Path(directory) / 'schedule'}"])
 
 
 @tenant_cli.command("create")

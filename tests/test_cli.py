@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import lz4.frame
@@ -12,8 +14,8 @@ import psutil
 import sqlalchemy as sa
 from alembic import command
 
-from api_stub.local_services import clientela_command, free_port
-from tests.services import PostgresServer, Workers, run_cli
+from api_stub.local_services import clientela_command, free_port, tail
+from tests.services import ClientelaProcess, PostgresServer, Workers, run_cli
 from worker.migrate import alembic_config
 
 
@@ -110,3 +112,16 @@ def test_migrations_keep_the_items_of_pending_chunks(
             assert conn.execute(stored, {"c": chunk}).scalar_one() == items
     finally:
         engine.dispose()
+
+
+def test_beat_leaves_no_schedule_file_behind(beat: Callable[..., ClientelaProcess], tmp_path: Path) -> None:
+    """`clientela beat` keeps its schedule under TMPDIR while it runs and takes it along when it stops, so
+    restarts do not pile files up there."""
+    scheduler = beat(TMPDIR=str(tmp_path))
+    deadline = time.monotonic() + 60
+    while not any(path.is_file() for path in tmp_path.rglob("*")) and time.monotonic() < deadline:
+        assert scheduler.running, tail(scheduler.log)
+        time.sleep(0.2)
+    assert any(path.is_file() for path in tmp_path.rglob("*")), "beat writes its schedule where TMPDIR says"
+    scheduler.stop()
+    assert list(tmp_path.iterdir()) == []
