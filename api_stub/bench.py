@@ -599,6 +599,20 @@ class Submissions:
     throttled: int = 0
     errors: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, batches: list[PlannedBatch]) -> Submissions:
+        run = cls(pending=queue.Queue())
+        for batch in batches:
+            run.pending.put(batch)
+        return run
+
+    def producers(self, deploy: Deployment, deadline: float, count: int) -> list[threading.Thread]:
+        """Producer threads, not yet started, that POST this run's batches until none is left."""
+        return [
+            threading.Thread(target=produce, args=(deploy, self, deadline), name=f"producer-{n}", daemon=True)
+            for n in range(count)
+        ]
+
 
 def produce(deploy: Deployment, run: Submissions, deadline: float) -> None:
     """POST batches until none is left; a 429 is retried after its Retry-After."""
@@ -940,11 +954,8 @@ def plan(options: BenchOptions) -> tuple[list[PlannedBatch], list[PlannedBatch]]
 
 def warm_up(deploy: Deployment, warmups: list[PlannedBatch]) -> None:
     """POST the warm-up batches at once, one per producer, and wait until each has ended as expected."""
-    run = Submissions(pending=queue.Queue())
-    for warmup in warmups:
-        run.pending.put(warmup)
-    deadline = time.monotonic() + READY_SECONDS
-    producers = [threading.Thread(target=produce, args=(deploy, run, deadline)) for _ in warmups]
+    run = Submissions.of(warmups)
+    producers = run.producers(deploy, time.monotonic() + READY_SECONDS, len(warmups))
     for producer in producers:
         producer.start()
     for producer in producers:
@@ -965,19 +976,13 @@ def measure(
     timed: list[PlannedBatch],
     say: Callable[[str], None],
 ) -> Figures:
-    run = Submissions(pending=queue.Queue())
-    for batch in timed:
-        run.pending.put(batch)
+    run = Submissions.of(timed)
     sampler = RssSampler(deploy.worker.pid)
     meter = CpuMeter(
         trees={"worker host": deploy.worker.pid, **svc.server_pids, "receiver": deploy.receiver.pid},
         alone={"bench client": os.getpid()},
     )
-    deadline = time.monotonic() + END_DEADLINE_SECONDS
-    producers = [
-        threading.Thread(target=produce, args=(deploy, run, deadline), name=f"producer-{n}", daemon=True)
-        for n in range(options.producers)
-    ]
+    producers = run.producers(deploy, time.monotonic() + END_DEADLINE_SECONDS, options.producers)
     with deploy.client() as client:
         sampler.start()
         meter.start()

@@ -76,7 +76,8 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     max_values = max_items * VALUES_PER_ITEM
     too_many_values = ApiError(413, f"Request body must not hold more than {max_values} JSON values")
     # The split builds one object per element, and every element but the first follows a ','.
-    if body.count(b",") >= max_values and _more_values_than(body, max_values):
+    few_commas = body.count(b",") < max_values
+    if not few_commas and _more_values_than(body, max_values):
         raise too_many_values
     invalid = ApiError(400, "Invalid JSON in request body")
     try:
@@ -99,8 +100,9 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     keys = contract.keys_of(body)
     if keys is None:
         # Some element is not an object, or its key not a plain value: each element is parsed on its own,
-        # which also makes the checks below, and builds every value the body holds.
-        if _more_values_than(body, max_values):
+        # which also makes the checks below, and builds every value the body holds (counted above already
+        # unless the commas were few).
+        if few_commas and _more_values_than(body, max_values):
             raise too_many_values
         return Items(elements, [contract.key_of(_parse(bytes(element))) for element in elements])
     # Each element holds at least its own '{': only a body with 200 brackets more than that can hold an
