@@ -126,8 +126,11 @@ class NewBatch:
 
     id: uuid.UUID
     contract: str
-    total: int
     chunks: list[dict[str, Any]]
+
+    @property
+    def total(self) -> int:
+        return sum(chunk["item_count"] for chunk in self.chunks)
 
 
 def new_batch(
@@ -165,7 +168,7 @@ def new_batch(
                 "duplicates": duplicates[seq],
             }
         )
-    return NewBatch(batch_id, contract.name, count, chunks)
+    return NewBatch(batch_id, contract.name, chunks)
 
 
 def store_batch(session: Session, *, tenant_id: uuid.UUID, batch: NewBatch, lease_seconds: int) -> Submission:
