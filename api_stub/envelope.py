@@ -109,9 +109,11 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     # element nested deeper than jiter's limit of 200.
     deep = body.count(b"{") + body.count(b"[") - 1 - len(elements) >= MAX_DEPTH
     for element in elements:
-        if len(element) > MAX_DIGITS or deep:
+        if len(element) > MAX_DIGITS:
+            _parse(bytes(element))
+        elif deep:
             text = bytes(element)
-            if len(text) > MAX_DIGITS or text.count(b"{") + text.count(b"[") > MAX_DEPTH:
+            if text.count(b"{") + text.count(b"[") > MAX_DEPTH:
                 _parse(text)
     return Items(elements, keys)
 
