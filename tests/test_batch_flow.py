@@ -228,3 +228,48 @@ def test_a_batch_is_accepted_and_kept_while_the_broker_is_unreachable(
         30,
         "the failed enqueue logged",
     )
+
+
+def test_concurrent_chunks_with_the_same_codes_create_each_once(
+    stopped_workers: Workers, tenant: Tenant, redis_server: RedisServer, db: Callable[..., list[Any]]
+) -> None:
+    """Two batches of one tenant with the same 5,000 codes, their chunks queued in turns (A1, B1, A2, B2,
+    …) for two worker processes: chunks holding the same codes run at the same time. Each code is created
+    once, by the chunk whose transaction committed first; the other occurrence says it exists. A chunk
+    that lost the race is done again within its attempt, not left for the reconciler."""
+    prefix = uuid.uuid4().hex[:8]
+    items = [{"code": f"{prefix}-{i:04d}", "name": f"Race {i}"} for i in range(5 * CHUNK_SIZE)]
+    batch_ids = [submit(tenant.client, items) for _ in range(2)]
+    chunks = [
+        [r[0] for r in db("SELECT id::text FROM chunks WHERE batch_id::text = :b ORDER BY seq", b=b)]
+        for b in batch_ids
+    ]
+    assert purge_ingest_queue(redis_server.url) == 10
+    enqueue_in_order(redis_server.url, [cid for pair in zip(*chunks, strict=True) for cid in pair])
+    stopped_workers.start()
+    bodies = [wait_for_batch(tenant.client, b, timeout=60) for b in batch_ids]
+
+    assert [b["status"] for b in bodies] == ["COMPLETED", "COMPLETED"]
+    assert bodies[0]["created"] + bodies[1]["created"] == len(items)
+    exists = [err("code", "Code already exists")]
+    for i, item in enumerate(items):
+        outcomes = sorted(b["results"][i]["status"] for b in bodies)
+        assert outcomes == ["CREATED", "FAILED"], (i, [b["results"][i] for b in bodies])
+        (winner,) = [b["results"][i] for b in bodies if b["results"][i]["status"] == "CREATED"]
+        (loser,) = [b["results"][i] for b in bodies if b["results"][i]["status"] == "FAILED"]
+        assert winner["code"] == item["code"]
+        assert loser == {"index": i, "status": "FAILED", "errors": exists}
+    stored = db(
+        "SELECT code, id::text, batch_id::text FROM customers WHERE tenant_id::text = :t", t=tenant.id
+    )
+    assert len(stored) == len(items)
+    by_code = {code: (customer_id, batch) for code, customer_id, batch in stored}
+    for i, item in enumerate(items):
+        (winner_batch, winner) = next(
+            (b["batchId"], b["results"][i]) for b in bodies if b["results"][i]["status"] == "CREATED"
+        )
+        assert by_code[item["code"]] == (winner["customerId"], winner_batch)
+    attempts = db(
+        "SELECT max(attempts) FROM chunks WHERE batch_id::text IN (:a, :b)", a=batch_ids[0], b=batch_ids[1]
+    )
+    assert attempts == [(1,)], "a chunk needed a second attempt"

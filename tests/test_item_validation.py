@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from tests.conftest import Tenant
 from tests.helpers import (
@@ -261,3 +263,40 @@ def test_text_no_database_can_store_is_an_item_error_or_a_400(tenant: Tenant) ->
         assert r.status_code == 202, r.text
         done = wait_for_batch(tenant.client, r.json()["batchId"])
         assert done["results"][0]["status"] == "FAILED"
+
+
+def test_text_with_escapes_is_stored_as_sent(tenant: Tenant) -> None:
+    """Backslashes, tabs, line breaks and a literal `\\N` reach the database's text format of COPY; each
+    must come back exactly as sent, whether the item is read by the fast path or by the model, in a code
+    and in an unknown key's name too."""
+    tricky = ["back\\slash", "tab\there", "line\nbreak", "carriage\rreturn", "\\N", "\\", "é \u00e9 \\t"]
+    prefix = unique_code("E")
+    items: list[dict[str, Any]] = [
+        {"code": f"{prefix}\t{n}", "name": text, "contact": text, "observations": f"{text}|{text}"}
+        for n, text in enumerate(tricky)
+    ]
+    # An error forces the model's read path, with the same values.
+    items += [
+        {"code": f"{prefix}\\{n}", "name": text, "contact": text, "term": 1000}
+        for n, text in enumerate(tricky)
+    ]
+    items.append({"code": f"{prefix}-x", "name": "k", "weird\tkey\\": 1})
+    # Sent with every non-ASCII character escaped too (json.dumps's default), as many encoders do.
+    body = wait_for_batch(tenant.client, submit(tenant.client, raw=json.dumps(items)))
+    n = len(tricky)
+    assert strip_ids(body["results"][:n]) == [created(i, f"{prefix}\t{i}") for i in range(n)]
+    assert body["results"][n : 2 * n] == [
+        failed(n + i, err("term", "Field exceeds maximum of 3 integer digits")) for i in range(n)
+    ]
+    assert body["results"][-1] == failed(2 * n, err("weird\tkey\\", "Unknown field"))
+    for i, text in enumerate(tricky):
+        code = items[i]["code"]
+        r = tenant.client.get(f"/v1/customers/{quote(code, safe='')}")
+        assert r.status_code == 200, r.text
+        stored = r.json()
+        assert (stored["code"], stored["name"], stored["contact"], stored["observations"]) == (
+            code,
+            text,
+            text,
+            f"{text}|{text}",
+        )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import get_settings
@@ -15,6 +15,8 @@ from worker.config import get_settings
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _sessions: sessionmaker[Session] | None = None
+# PostgreSQL settings every new connection of this process starts with (see chunk_settings).
+_server_settings: dict[str, str] = {}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -27,17 +29,34 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(url: str) -> Engine:
+def build_engine(url: str, server_settings: dict[str, str] | None = None) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    options = " ".join(f"-c {name}={value}" for name, value in (server_settings or {}).items())
     # hide_parameters: a failed statement's error must not carry customer data or secrets into the logs.
     return create_engine(
-        url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800, hide_parameters=True
+        url,
+        pool_size=5,
+        max_overflow=10,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        hide_parameters=True,
+        connect_args={"options": options} if options else {},
     )
+
+
+def use_server_settings(settings: dict[str, str]) -> None:
+    """Open this process's connections with these PostgreSQL settings from now on."""
+    global _engine
+    _server_settings.clear()
+    _server_settings.update(settings)
+    if _engine is not None:
+        _engine.dispose(close=False)
+        _engine = None
 
 
 def get_engine() -> Engine:
@@ -46,7 +65,7 @@ def get_engine() -> Engine:
     if _engine is None or _engine_pid != os.getpid():
         if _engine is not None:
             _engine.dispose(close=False)
-        _engine = build_engine(get_settings().sqlalchemy_url)
+        _engine = build_engine(get_settings().sqlalchemy_url, _server_settings)
         _engine_pid = os.getpid()
         _sessions = sessionmaker(_engine, expire_on_commit=False)
     return _engine
@@ -61,6 +80,12 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
-def is_postgresql(session_or_engine: Session | Engine) -> bool:
-    bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else session_or_engine
-    return bind.dialect.name == "postgresql"
+def connect() -> Connection:
+    """A connection from the process's pool, for Core statements and transactions of the caller's own
+    (``with connect() as connection, connection.begin(): …``)."""
+    return get_engine().connect()
+
+
+def is_postgresql(bind: Session | Connection | Engine) -> bool:
+    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    return dialect.name == "postgresql"

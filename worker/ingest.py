@@ -2,31 +2,34 @@
 
 A chunk is processed in ONE transaction: its results, its created records, its ``DONE`` mark and the batch's
 counters commit together or not at all, so a crash anywhere leaves the chunk exactly as it was and a
-retry starts clean. The attempt counter lives in a transaction of its own, so crashes are counted.
+retry starts clean. The attempt counter lives in a transaction of its own, so crashes are counted. Both
+run on one connection, taken from the pool once per chunk.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import lz4.frame
-from sqlalchemy import Integer, Row, bindparam, case, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Integer, Row, bindparam, case, select, update
 
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
 from worker.contracts.base import ARRAY_ELEMENTS
-from worker.db import is_postgresql, session_scope
+from worker.db import connect, is_postgresql
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
-from worker.storage import store_outcomes, write_results
+from worker.storage import KeyRace, store_outcomes, write_results
 
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
+log = logging.getLogger(__name__)
+# Times a chunk transaction is rolled back and done again within one attempt because a concurrent chunk
+# stored one of its keys first. Each time takes at least one key off the new ones, so a few suffice.
+KEY_RACES = 3
 
 # A locked chunk as _LOCK_CHUNK reads it.
 LockedChunk = Row[uuid.UUID, uuid.UUID, int, int, dict[str, int], int, uuid.UUID, str]
@@ -34,37 +37,38 @@ LockedChunk = Row[uuid.UUID, uuid.UUID, int, int, dict[str, int], int, uuid.UUID
 
 def process_chunk(chunk_id: uuid.UUID, settings: Settings) -> str:
     """Process a chunk if it is still pending and nobody else holds it; say what happened."""
-    if not _count_attempt(chunk_id, settings):
-        return "skipped"
-    with _chunk_transaction(settings) as session:
-        chunk = session.connection().execute(_LOCK_CHUNK, {"chunk_id": chunk_id}).one_or_none()
-        if chunk is None:
+    with connect() as connection:
+        if not _count_attempt(connection, chunk_id, settings):
             return "skipped"
-        if chunk.attempts > settings.max_chunk_attempts:
-            write_results(session, _unprocessed(chunk))
-            created = 0
-            chunk_status = ChunkStatus.FAILED
-        else:
-            created = _validate_and_store(session, get_contract(chunk.contract), chunk)
-            chunk_status = ChunkStatus.DONE
-        _end_chunk(session, chunk, chunk_status, created)
-    return chunk_status.lower()
+        for race in range(KEY_RACES + 1):
+            try:
+                return _process(connection, chunk_id, settings)
+            except KeyRace:
+                # Rolled back: the chunk is as it was, and the next lookup finds the other chunk's keys.
+                if race == KEY_RACES:
+                    raise
+                log.info(
+                    "chunk %s: a concurrent chunk stored one of its keys first; processing it again", chunk_id
+                )
+    raise AssertionError("unreachable")
 
 
 # The statements of a chunk's two transactions, built once: they run for every chunk, and building a
-# statement (and its cache key) cost more than running it. Plain statements on the session's connection,
-# not ORM objects, for the same reason: the ORM's loading, flush and bookkeeping cost more than the SQL.
+# statement (and its cache key) cost more than running it. Plain statements on the connection, not ORM
+# objects, for the same reason: the ORM's loading, flush and bookkeeping cost more than the SQL.
 # FOR UPDATE SKIP LOCKED: a second delivery of a chunk that another worker holds returns at once, not waits
 # (SQLite, which has neither, serializes its writers instead).
-_LOCK_PENDING = (
-    select(Chunk.id, Chunk.batch_id)
-    .where(Chunk.id == bindparam("chunk_id"), Chunk.status == ChunkStatus.PENDING)
-    .with_for_update(skip_locked=True)
-)
 _COUNT_ATTEMPT = (
     update(Chunk)
-    .where(Chunk.id == bindparam("chunk_id"))
+    .where(
+        Chunk.id
+        == select(Chunk.id)
+        .where(Chunk.id == bindparam("chunk_id"), Chunk.status == ChunkStatus.PENDING)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     .values(attempts=Chunk.attempts + 1, available_at=bindparam("lease_until"))
+    .returning(Chunk.batch_id)
 )
 _START_BATCH = (
     update(Batch)
@@ -120,23 +124,9 @@ _COUNT_INTO_BATCH = (
 )
 
 
-def _count_attempt(chunk_id: uuid.UUID, settings: Settings) -> bool:
-    """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
-    with _chunk_transaction(settings) as session:
-        connection = session.connection()
-        chunk = connection.execute(_LOCK_PENDING, {"chunk_id": chunk_id}).one_or_none()
-        if chunk is None:
-            return False
-        now = utcnow()
-        lease_until = now + timedelta(seconds=settings.chunk_lease_seconds)
-        connection.execute(_COUNT_ATTEMPT, {"chunk_id": chunk_id, "lease_until": lease_until})
-        connection.execute(_START_BATCH, {"batch_id": chunk.batch_id, "now": now})
-        return True
-
-
-@contextmanager
-def _chunk_transaction(settings: Settings) -> Iterator[Session]:
-    """A transaction that cannot keep its chunk locked long after the chunk's lease.
+def chunk_server_settings(settings: Settings) -> dict[str, str]:
+    """PostgreSQL settings for the connections of a worker process, so that none of its transactions can keep
+    a chunk locked long after the chunk's lease.
 
     A pool process killed by the task time limit leaves its backend running the current statement (a
     backend notices a lost client only when it next writes to it, so one waiting on a lock waits on), and a
@@ -144,25 +134,50 @@ def _chunk_transaction(settings: Settings) -> Iterator[Session]:
     locked chunks, so the chunk would wait for as long as the statement or the freeze lasts. With these
     timeouts PostgreSQL ends such a transaction a lease after its current statement began or it went idle
     (the time limit, one second below the lease, still fires first on a worker that is alive); the name
-    lets the reconciler end the few a timeout cannot reach, such as one waiting for COPY data.
+    lets the reconciler end the few a timeout cannot reach, such as one waiting for COPY data. They are the
+    connection's own, not each transaction's: a worker process runs nothing but these transactions and the
+    reconciler's short ones, and that saves a statement per transaction.
     """
-    with session_scope() as session:
-        if is_postgresql(session):
-            limit = f"{settings.chunk_lease_seconds}s"
-            session.connection().execute(
-                text(
-                    "SELECT set_config('statement_timeout', :limit, true), "
-                    "set_config('idle_in_transaction_session_timeout', :limit, true), "
-                    "set_config('application_name', :name, true)"
-                ),
-                {"limit": limit, "name": CHUNK_TRANSACTION},
-            )
-        yield session
+    limit = f"{settings.chunk_lease_seconds}s"
+    return {
+        "statement_timeout": limit,
+        "idle_in_transaction_session_timeout": limit,
+        "application_name": CHUNK_TRANSACTION,
+    }
 
 
-def _payload(session: Session, chunk_id: uuid.UUID) -> bytes:
-    connection = session.connection()
-    if is_postgresql(session):
+def _count_attempt(connection: Connection, chunk_id: uuid.UUID, settings: Settings) -> bool:
+    """Record one more attempt and push the lease forward; False when the chunk is not ours to take."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=settings.chunk_lease_seconds)
+    with connection.begin():
+        batch_id = connection.execute(
+            _COUNT_ATTEMPT, {"chunk_id": chunk_id, "lease_until": lease_until}
+        ).scalar_one_or_none()
+        if batch_id is None:
+            return False
+        connection.execute(_START_BATCH, {"batch_id": batch_id, "now": now})
+    return True
+
+
+def _process(connection: Connection, chunk_id: uuid.UUID, settings: Settings) -> str:
+    with connection.begin():
+        chunk = connection.execute(_LOCK_CHUNK, {"chunk_id": chunk_id}).one_or_none()
+        if chunk is None:
+            return "skipped"
+        if chunk.attempts > settings.max_chunk_attempts:
+            write_results(connection, _unprocessed(chunk))
+            created = 0
+            chunk_status = ChunkStatus.FAILED
+        else:
+            created = _validate_and_store(connection, get_contract(chunk.contract), chunk)
+            chunk_status = ChunkStatus.DONE
+        _end_chunk(connection, chunk, chunk_status, created)
+    return chunk_status.lower()
+
+
+def _payload(connection: Connection, chunk_id: uuid.UUID) -> bytes:
+    if is_postgresql(connection):
         with connection.connection.driver_connection.cursor(binary=True) as cursor:  # type: ignore[union-attr]
             row = cursor.execute(_PAYLOAD_BINARY, (chunk_id,)).fetchone()
         payload = None if row is None else row[0]
@@ -173,14 +188,14 @@ def _payload(session: Session, chunk_id: uuid.UUID) -> bytes:
     return items
 
 
-def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk) -> int:
+def _validate_and_store(connection: Connection, contract: Contract, chunk: LockedChunk) -> int:
     """Validate the chunk's items and store what they came to; return how many records were created."""
     # Each element's text as the client sent it: the contract reads every number from its exact text.
-    elements = ARRAY_ELEMENTS.decode(_payload(session, chunk.id))
+    items = _payload(connection, chunk.id)
+    elements = ARRAY_ELEMENTS.decode(items)
     failed: list[dict[str, Any]] = []
     valid: list[tuple[int, list[Any]]] = []
     start = chunk.start_index
-    batch_id = chunk.batch_id
     duplicates = {int(position): first for position, first in chunk.duplicates.items()}
     for position, element in enumerate(elements):
         values, errors, key = contract.read(bytes(element))
@@ -192,7 +207,7 @@ def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk
         if errors:
             failed.append(
                 {
-                    "batch_id": batch_id,
+                    "batch_id": chunk.batch_id,
                     "idx": idx,
                     "status": ItemStatus.FAILED,
                     "code": key,
@@ -204,13 +219,14 @@ def _validate_and_store(session: Session, contract: Contract, chunk: LockedChunk
             assert values is not None
             valid.append((idx, values))
     return store_outcomes(
-        session,
+        connection,
         contract,
         tenant_id=chunk.tenant_id,
-        batch_id=batch_id,
+        batch_id=chunk.batch_id,
         now=utcnow(),
         failed=failed,
         valid=valid,
+        escapes=b"\\" in items,
     )
 
 
@@ -228,10 +244,9 @@ def _unprocessed(chunk: LockedChunk) -> list[dict[str, Any]]:
     ]
 
 
-def _end_chunk(session: Session, chunk: LockedChunk, status: str, created: int) -> None:
+def _end_chunk(connection: Connection, chunk: LockedChunk, status: str, created: int) -> None:
     """Mark the chunk ended and count it into its batch; the last chunk to end closes the batch."""
     now = utcnow()
-    connection = session.connection()
     connection.execute(_END_CHUNK, {"chunk_id": chunk.id, "status": status, "now": now})
     connection.execute(
         _COUNT_INTO_BATCH,

@@ -1,21 +1,22 @@
 """Set-wise writes: the one place where PostgreSQL and SQLite differ.
 
-PostgreSQL: records are COPied into a per-connection staging table, then one statement moves them with
-``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` and writes their results; the other results are COPied
-straight into their table. SQLite (embedded mode) has no COPY: multi-row ``INSERT`` statements instead.
+PostgreSQL: one query finds the keys the tenant already has, one COPY writes the new records straight into
+their table and another every item's result. SQLite (embedded mode) has no COPY: multi-row ``INSERT …
+ON CONFLICT DO NOTHING`` statements instead.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import insert
+import psycopg
+from sqlalchemy import Connection, insert
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.orm import Session
 
 from worker.contracts import Contract
 from worker.db import is_postgresql
@@ -23,7 +24,7 @@ from worker.models import ItemResult, ItemStatus
 
 
 def store_outcomes(
-    session: Session,
+    connection: Connection,
     contract: Contract,
     *,
     tenant_id: uuid.UUID,
@@ -31,19 +32,21 @@ def store_outcomes(
     now: datetime,
     failed: Sequence[dict[str, Any]],
     valid: Sequence[tuple[int, list[Any]]],
+    escapes: bool,
 ) -> int:
     """Store what a chunk's items came to; return how many records were created.
 
     ``failed`` are the result rows of the items that failed validation. ``valid`` are (index, values)
     pairs, the values of the contract's fields in table order as ``Contract.read`` returns them (decimals
     as their exact text): a record is inserted unless the tenant already has its key, and its result says
-    which happened.
+    which happened. ``escapes`` says whether the chunk's JSON text holds an escape (a backslash): without
+    one, no value holds a character that would need escaping.
     """
-    write_results(session, failed)
+    if is_postgresql(connection):
+        return _copy_new_records(connection, contract, tenant_id, batch_id, now, failed, valid, escapes)
+    write_results(connection, failed)
     if not valid:
         return 0
-    if is_postgresql(session):
-        return _copy_then_insert(session, contract, tenant_id, batch_id, now, valid)
     names = contract.field_names
     rows = [
         {"id": uuid.uuid4(), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now}
@@ -55,9 +58,9 @@ def store_outcomes(
         .on_conflict_do_nothing(index_elements=["tenant_id", contract.key])
         .returning(contract.table.c[contract.key], contract.table.c.id)
     )
-    created = {key: new_id for key, new_id in session.execute(statement, rows)}
+    created = {key: new_id for key, new_id in connection.execute(statement, rows)}
     write_results(
-        session,
+        connection,
         [
             {
                 "batch_id": batch_id,
@@ -78,90 +81,138 @@ def key_exists(contract: Contract) -> list[dict[str, str]]:
     return [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
 
 
-def _copy_then_insert(
-    session: Session,
+class KeyRace(Exception):
+    """A concurrent transaction stored one of a chunk's new keys after the chunk looked them up: the chunk's
+    transaction is rolled back and processed again, and then finds that key taken."""
+
+
+# Which of a chunk's keys the tenant already has: one probe of the unique index per key, whatever the
+# planner's statistics say (``key = ANY(…)`` can become a scan of all the tenant's records), and the probes
+# bring in the index pages the COPY then writes to.
+_TAKEN = (
+    "SELECT k.key FROM unnest(CAST(%s AS text[])) AS k(key), "
+    "LATERAL (SELECT FROM {table} AS t WHERE t.tenant_id = %s AND t.{key} = k.key LIMIT 1) AS found"
+)
+# The text format of COPY: a value is written as it is unless it holds one of these, \N is null.
+_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_new_records(
+    connection: Connection,
     contract: Contract,
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
     now: datetime,
+    failed: Sequence[dict[str, Any]],
     valid: Sequence[tuple[int, list[Any]]],
+    escapes: bool,
 ) -> int:
-    """COPY the records with their item indexes into a staging table; then ONE statement inserts the new
-    ones and writes every valid item's result from what the insert returned.
+    """Store the records whose key the tenant does not have yet with ONE COPY into their table, and every
+    item's result with another; return how many records were created.
 
-    The database makes the ids and joins them to the results, so Python builds no id and no result row
-    for a valid item: per item it sends one COPY row, and nothing comes back but a count.
+    COPY is the fastest way into a table that PostgreSQL has: rows are written many to a page and to a
+    WAL record. Going through a staging table and ``INSERT … SELECT … ON CONFLICT`` instead cost the
+    server twice the COPY's work per row, for the conflict check that one query over the chunk's keys does
+    here before the COPY. A key that a concurrent chunk stores between that query and the COPY makes the
+    COPY fail (it waits for that chunk's transaction first); ``KeyRace`` then has the chunk processed again.
+    The records' ids are made here, so their results need nothing back from the server.
     """
+    at = contract.key_position
     table = contract.table.name
-    key = contract.key
-    stage = f"stage_{table}"
-    names = contract.field_names
-    decimals = contract.decimal_positions
-    fields = ", ".join(names)
-    # Decimals are staged as their text, and PostgreSQL reads them when it inserts: encoding a Decimal as
-    # binary numeric costs the worker more than validating it (measured: 7.5-10 ms per 1,000 rows of
-    # eight decimals, against 1-1.5 ms as text).
-    staged = ", ".join(f"CAST({n} AS text) AS {n}" if i in decimals else n for i, n in enumerate(names))
-    stored = ", ".join(f"CAST({n} AS numeric)" if i in decimals else n for i, n in enumerate(names))
-    raw = session.connection().connection.driver_connection
+    batch = str(batch_id)
+    results: list[tuple[str, str, str, str | None, str | None, str | None]] = [
+        (batch, str(row["idx"]), ItemStatus.FAILED, row["code"], None, orjson.dumps(row["errors"]).decode())
+        for row in failed
+    ]
+    raw = connection.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
-        # Temporary, so it lasts as long as the pooled connection and ON COMMIT DELETE ROWS empties it; the
-        # record's columns, the item's index, and no constraints (the insert checks them).
-        cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-            f"SELECT 0 AS idx, {staged} FROM {table} WITH NO DATA"
+        new: list[tuple[int, list[Any]]] = []
+        if valid:
+            keys = [values[at] for _, values in valid]
+            lookup = _TAKEN.format(key=contract.key, table=table)
+            taken = {found for (found,) in cursor.execute(lookup, (keys, tenant_id))}
+            new = [pair for pair in valid if pair[1][at] not in taken] if taken else list(valid)
+            if taken:
+                exists = orjson.dumps(key_exists(contract)).decode()
+                results += [
+                    (batch, str(idx), ItemStatus.FAILED, values[at], None, exists)
+                    for idx, values in valid
+                    if values[at] in taken
+                ]
+        if new:
+            # Key order: concurrent chunks of one tenant take the unique index's entries in the same order,
+            # so one waits for the other instead of both deadlocking.
+            new.sort(key=lambda pair: pair[1][at])
+            ids = new_ids(len(new))
+            lead = (str(tenant_id), batch, now.isoformat())
+            columns = ", ".join(["tenant_id", "batch_id", "created_at", "id", *contract.field_names])
+            try:
+                with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    rows = [(*lead, new_id, *values) for new_id, (_, values) in zip(ids, new, strict=True)]
+                    copy.write(copy_text(rows, escape=escapes))
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected) as exc:
+                raise KeyRace from exc
+            results += [
+                (batch, str(idx), ItemStatus.CREATED, values[at], new_id, None)
+                for new_id, (idx, values) in zip(ids, new, strict=True)
+            ]
+        if results:
+            columns = ", ".join(_RESULT_COLUMNS)
+            with cursor.copy(f"COPY {ItemResult.__tablename__} ({columns}) FROM STDIN") as copy:
+                copy.write(copy_text(results, escape=escapes))
+    return len(new)
+
+
+def copy_text(rows: Sequence[Sequence[str | None]], *, escape: bool) -> str:
+    """Rows of text values (None for null) in the text format of COPY; ``escape`` says whether a value may
+    hold a character that format escapes (a backslash, tab, line feed or carriage return).
+
+    Such a character can only come from a JSON escape, so a chunk whose text holds no backslash has none,
+    and its rows are joined as they are.
+    """
+    if escape:
+        return "".join(
+            "\t".join([_NULL if value is None else value.translate(_COPY_ESCAPES) for value in row]) + "\n"
+            for row in rows
         )
-        with cursor.copy(f"COPY {stage} (idx, {fields}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(["int4", *["text"] * len(names)])
-            for idx, values in valid:
-                copy.write_row([idx, *values])
-        # Key order: concurrent chunks of one tenant lock the unique index in the same order, no deadlock.
-        # Keys are unique within a chunk's valid records: a repeated key is an in-batch duplicate, invalid.
-        cursor.execute(
-            f"""
-            WITH inserted AS (
-                INSERT INTO {table} (id, tenant_id, batch_id, created_at, {fields})
-                SELECT gen_random_uuid(), %(tenant)s, %(batch)s, %(now)s, {stored}
-                FROM {stage} ORDER BY {key}
-                ON CONFLICT (tenant_id, {key}) DO NOTHING
-                RETURNING {key}, id
-            ), results AS (
-                INSERT INTO {ItemResult.__tablename__} (batch_id, idx, status, code, customer_id, errors)
-                SELECT %(batch)s, s.idx,
-                    CASE WHEN i.id IS NULL THEN %(failed)s ELSE %(created)s END,
-                    s.{key}, i.id,
-                    CASE WHEN i.id IS NULL THEN CAST(%(exists)s AS json) END
-                FROM {stage} AS s LEFT JOIN inserted AS i ON i.{key} = s.{key}
-                RETURNING customer_id
-            )
-            SELECT count(customer_id) FROM results
-            """,
-            {
-                "tenant": tenant_id,
-                "batch": batch_id,
-                "now": now,
-                "created": ItemStatus.CREATED,
-                "failed": ItemStatus.FAILED,
-                "exists": orjson.dumps(key_exists(contract)).decode(),
-            },
-        )
-        found = cursor.fetchone()
-        assert found is not None
-        return int(found[0])
+    try:
+        lines = list(map("\t".join, rows))  # type: ignore[arg-type]
+    except TypeError:
+        lines = [
+            "\t".join([_NULL if value is None else value for value in row]) if None in row else "\t".join(row)  # type: ignore[arg-type]
+            for row in rows
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def new_ids(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as 32 hex digits, made from one read of the system's randomness:
+    ``uuid.uuid4()`` reads it once per id and builds an object that only its text is needed of."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION_4)
+    raw[8::16] = raw[8::16].translate(_VARIANT_RFC_4122)
+    digits = raw.hex()
+    return [digits[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
 
 
 _RESULT_COLUMNS = ("batch_id", "idx", "status", "code", "customer_id", "errors")
 
 
-def write_results(session: Session, results: Sequence[dict[str, Any]]) -> None:
+def write_results(connection: Connection, results: Sequence[dict[str, Any]]) -> None:
     """One row per item, set-wise: a row-by-row INSERT would cost a round trip and a parse per item."""
     if not results:
         return
-    if not is_postgresql(session):
-        session.execute(insert(ItemResult), list(results))
+    if not is_postgresql(connection):
+        connection.execute(insert(ItemResult), list(results))
         return
-    raw = session.connection().connection.driver_connection
+    raw = connection.connection.driver_connection
     assert raw is not None
     columns = ", ".join(_RESULT_COLUMNS)
     with (

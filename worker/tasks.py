@@ -16,8 +16,8 @@ from celery.signals import worker_process_init
 
 from worker.batches import purge_expired_keys
 from worker.config import get_settings
-from worker.db import session_scope
-from worker.ingest import process_chunk
+from worker.db import session_scope, use_server_settings
+from worker.ingest import chunk_server_settings, process_chunk
 from worker.reconciler import overdue_chunks
 
 QUEUE = "ingest"
@@ -77,6 +77,7 @@ def tune_garbage_collector() -> None:
 @worker_process_init.connect
 def _tune_pool_process(**_: object) -> None:
     tune_garbage_collector()
+    use_server_settings(chunk_server_settings(get_settings()))
 
 
 @app.task(name=PROCESS_CHUNK)

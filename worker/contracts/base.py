@@ -349,6 +349,11 @@ class Contract:
         return [spec.name for spec in self.fields]
 
     @property
+    def key_position(self) -> int:
+        """Where the key is among the fields, in table order."""
+        return self._key_at
+
+    @property
     def decimal_positions(self) -> list[int]:
         """Where the decimal fields are, in table order."""
         return self._decimal_at
