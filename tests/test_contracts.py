@@ -147,7 +147,7 @@ def test_plainly_valid_items_take_the_fast_path_and_keep_their_exact_text() -> N
     text = b'{"code": "C1", "name": "N", "quota": 50000000.10, "term": "30", "discount": null, "state": "Y"}'
     values = CUSTOMER.plain_values(text)
     assert values is not None
-    stored = dict(zip(CUSTOMER.field_names, values, strict=True))
+    stored = dict(zip(CUSTOMER.value_names, values, strict=True))
     assert (stored["code"], stored["quota"], stored["term"], stored["discount"]) == (
         "C1",
         "50000000.10",
@@ -183,5 +183,6 @@ def test_other_items_are_left_to_the_model(fields: str) -> None:
         assert read_values is None
     else:
         assert read_values == [
-            None if v is None else str(v) if isinstance(v, Decimal) else v for v in values.values()
+            None if v is None else str(v) if isinstance(v, Decimal) else v
+            for v in (values[name] for name in CUSTOMER.value_names)
         ]

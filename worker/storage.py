@@ -47,7 +47,7 @@ def store_outcomes(
     write_results(connection, failed)
     if not valid:
         return 0
-    names = contract.field_names
+    names = contract.value_names
     rows = [
         {"id": uuid.uuid4(), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now}
         | dict(zip(names, values, strict=True))
@@ -147,7 +147,7 @@ def _copy_new_records(
             new.sort(key=lambda pair: pair[1][at])
             ids = new_ids(len(new))
             lead = (str(tenant_id), batch, now.isoformat())
-            columns = ", ".join(["tenant_id", "batch_id", "created_at", "id", *contract.field_names])
+            columns = ", ".join(["tenant_id", "batch_id", "created_at", "id", *contract.value_names])
             try:
                 with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                     rows = [(*lead, new_id, *values) for new_id, (_, values) in zip(ids, new, strict=True)]

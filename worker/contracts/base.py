@@ -212,8 +212,8 @@ class Decimal:
     @property
     def fits_json(self) -> str:
         """The JSON texts the fast path takes for this field: null, or a number or a string holding a
-        plain decimal that fits; the decimal's text is captured (one group for each form)."""
-        return f'(?:null|({self._fits.pattern})|"({self._fits.pattern})")'
+        plain decimal that fits."""
+        return f'(?:null|{self._fits.pattern}|"{self._fits.pattern}")'
 
     @staticmethod
     def _from_text_or_int(value: int | str | PyDecimal) -> PyDecimal:
@@ -289,9 +289,10 @@ class Contract:
     table: Table = field(init=False)
     _position: dict[str, int] = field(init=False)
     _key_length: int = field(init=False)
+    value_order: list[FieldSpec] = field(init=False)
     _fast: msgspec.json.Decoder[Any] = field(init=False)
     _fast_decimals: re.Pattern[str] = field(init=False)
-    _decimal_at: list[int] = field(init=False)
+    _decimals_from: int = field(init=False)
     _key_at: int = field(init=False)
     _absent: list[Any] = field(init=False)
     _keys: msgspec.json.Decoder[Any] = field(init=False)
@@ -306,15 +307,20 @@ class Contract:
             f"{self.name.title()}Item", __config__=ConfigDict(extra="forbid"), **definitions
         )
         self._position = {spec.name: i for i, spec in enumerate(self.fields)}
+        # The decimals last, so that the fast path takes them as one slice of the decoded struct.
+        self.value_order = [spec for spec in self.fields if not isinstance(spec, Decimal)] + [
+            spec for spec in self.fields if isinstance(spec, Decimal)
+        ]
+        self._decimals_from = sum(not isinstance(spec, Decimal) for spec in self.fields)
         fast = msgspec.defstruct(
             f"{self.name.title()}Fast",
-            [spec.fast_field() for spec in self.fields],
+            [spec.fast_field() for spec in self.value_order],
             forbid_unknown_fields=True,
             kw_only=True,
         )
         self._fast = msgspec.json.Decoder(fast)
         # What read gives for a field the item leaves out: the model's None, or a decimal's JSON null text.
-        self._absent = [_JSON_NULL if isinstance(spec, Decimal) else None for spec in self.fields]
+        self._absent = [_JSON_NULL if isinstance(spec, Decimal) else None for spec in self.value_order]
         # An array of items, each read for its key alone: msgspec skips the other keys without building them,
         # and a key that is not a plain value fails the whole read rather than be built.
         head = msgspec.defstruct(
@@ -322,11 +328,10 @@ class Contract:
         )
         self._keys = msgspec.json.Decoder(list[head])  # type: ignore[valid-type]
         self._key_from_head = operator.attrgetter(self.key)
-        self._decimal_at = [i for i, spec in enumerate(self.fields) if isinstance(spec, Decimal)]
         self._fast_decimals = re.compile(
-            "\n".join(spec.fits_json for spec in self.fields if isinstance(spec, Decimal))
+            "\n".join(spec.fits_json for spec in self.value_order if isinstance(spec, Decimal))
         )
-        self._key_at = self._position[self.key]
+        self._key_at = self.value_names.index(self.key)
         (key_spec,) = [spec for spec in self.fields if spec.name == self.key]
         assert isinstance(key_spec, Text), "the key of a contract is a text field"
         self._key_length = key_spec.max_length
@@ -349,14 +354,14 @@ class Contract:
         return [spec.name for spec in self.fields]
 
     @property
-    def key_position(self) -> int:
-        """Where the key is among the fields, in table order."""
-        return self._key_at
+    def value_names(self) -> list[str]:
+        """The fields in the order ``read`` gives their values: the table's order, the decimals last."""
+        return [spec.name for spec in self.value_order]
 
     @property
-    def decimal_positions(self) -> list[int]:
-        """Where the decimal fields are, in table order."""
-        return self._decimal_at
+    def key_position(self) -> int:
+        """Where the key is among the values ``read`` gives."""
+        return self._key_at
 
     def validate(self, item: Any) -> tuple[dict[str, Any] | None, ItemErrors]:
         """The item's stored values, or its errors: one per failing field, table order, unknown keys last."""
@@ -372,8 +377,8 @@ class Contract:
             return None, self.ordered(errors)
 
     def read(self, element: bytes) -> tuple[list[Any] | None, ItemErrors, str | None]:
-        """One stored item, from its JSON text: its values in table order (decimals as their exact text)
-        and no errors, or no values and its errors; and its key, as ``key_of`` gives it."""
+        """One stored item, from its JSON text: its values in ``value_names`` order (decimals as their exact
+        text) and no errors, or no values and its errors; and its key, as ``key_of`` gives it."""
         values = self.plain_values(element)
         if values is not None:
             return values, [], values[self._key_at]
@@ -388,8 +393,8 @@ class Contract:
             return None, self.ordered(errors), self.key_of(item)
         if validated is None:
             return None, errors, self.key_of(item)
-        values = list(validated.values())
-        for i in self._decimal_at:
+        values = [validated[spec.name] for spec in self.value_order]
+        for i in range(self._decimals_from, len(values)):
             if values[i] is not None:
                 # str() of a Decimal is exact; PostgreSQL also reads its exponent form.
                 values[i] = str(values[i])
@@ -405,28 +410,30 @@ class Contract:
         model keeps; an error, an exponent or a string that might hold NUL is left to the model, which
         has every message.
         """
-        if b"\\u0000" in element:
+        if b"\\" in element and b"\\u0000" in element:
             return None
         try:
             record = self._fast.decode(element)
         except msgspec.ValidationError:
             return None
-        values = list(msgspec.structs.astuple(record))
+        values = msgspec.structs.astuple(record)
         absent = values.count(UNSET)
         if not _keys_once(element, values, len(values) - absent):
             return None
         if absent:
-            values = [
+            values = tuple(
                 blank if value is UNSET else value for value, blank in zip(values, self._absent, strict=True)
-            ]
-        at = self._decimal_at
-        fits = self._fast_decimals.fullmatch(b"\n".join([values[i] for i in at]).decode())
-        if fits is None:
+            )
+        split = self._decimals_from
+        decimals = b"\n".join(values[split:]).decode()
+        if self._fast_decimals.fullmatch(decimals) is None:
             return None
-        texts = fits.groups()
-        for n, i in enumerate(at):
-            values[i] = texts[2 * n] or texts[2 * n + 1]
-        return values
+        # Each decimal is now known to be null, a number, or a string holding a number: its text is what
+        # is left without the quotes.
+        texts: Sequence[str | None] = decimals.replace('"', "").split("\n")
+        if "null" in decimals:
+            texts = [None if text == "null" else text for text in texts]
+        return [*values[:split], *texts]
 
     def ordered(self, errors: ItemErrors) -> ItemErrors:
         """Errors in field-table order; unknown keys keep their input order after the table's fields."""
@@ -460,7 +467,7 @@ class Contract:
         ]
 
 
-def _keys_once(element: bytes, values: list[Any], present: int) -> bool:
+def _keys_once(element: bytes, values: Sequence[Any], present: int) -> bool:
     """Whether no key of the fast struct's ``element`` was given twice: msgspec keeps a repeated key's last
     value without a word.
 
