@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from worker import results as item_results
+
 # The reference document's field table, in its order: (name, kind, max length | (precision, scale)).
 FIELDS: list[tuple[str, str, Any]] = [
     ("code", "str", 18),
@@ -238,6 +240,15 @@ def mixed_payload(n: int, prefix: str, existing: list[str], dup_of: dict[int, in
 
 
 T = TypeVar("T")
+
+
+def stored_results(db: Callable[..., list[Any]], batch_id: str) -> list[dict[str, Any]]:
+    """The result entries that a batch's ended chunks keep in the database, in chunk order, as stored."""
+    packed = db(
+        "SELECT results FROM chunks WHERE batch_id::text = :b AND results IS NOT NULL ORDER BY seq",
+        b=batch_id,
+    )
+    return item_results.entries(bytes(value) for (value,) in packed)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, pause: float = 0.05) -> T:

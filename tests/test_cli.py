@@ -10,12 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lz4.frame
+import orjson
 import psutil
 import sqlalchemy as sa
 from alembic import command
+from sqlalchemy.orm import Session
 
 from api_stub.local_services import clientela_command, free_port, tail
 from tests.services import ClientelaProcess, PostgresServer, Workers, run_cli
+from worker import batches
 from worker.migrate import alembic_config
 
 
@@ -66,6 +69,23 @@ def test_the_worker_host_gives_up_cpu_priority(workers: Workers) -> None:
             assert autogroup.read_text().split()[-1] == "10"
 
 
+def insert_batch(conn: sa.Connection, tenant: uuid.UUID, name: str, batch: uuid.UUID, state: str) -> None:
+    """A tenant and its batch, written as an older schema holds them; ``state`` gives the batch's status
+    and counters (total, processed, created, failed, chunk_count, chunks_ended, chunks_failed) as SQL."""
+    conn.execute(
+        sa.text("INSERT INTO tenants (id, name, key_hash) VALUES (:t, :name, :t)"),
+        {"t": tenant, "name": name},
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO batches (id, tenant_id, contract, status, total, processed, created, failed,"
+            " chunk_count, chunks_ended, chunks_failed, submitted_at)"
+            f" VALUES (:b, :t, 'customers', {state}, now())"
+        ),
+        {"b": batch, "t": tenant},
+    )
+
+
 def test_migrations_keep_the_items_of_pending_chunks(
     postgres: PostgresServer, migrated: dict[str, str]
 ) -> None:
@@ -81,18 +101,7 @@ def test_migrations_keep_the_items_of_pending_chunks(
     tenant, batch, chunk = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     try:
         with engine.begin() as conn:
-            conn.execute(
-                sa.text("INSERT INTO tenants (id, name, key_hash) VALUES (:t, :name, :t)"),
-                {"t": tenant, "name": name},
-            )
-            conn.execute(
-                sa.text(
-                    "INSERT INTO batches (id, tenant_id, contract, status, total, processed, created, failed,"
-                    " chunk_count, chunks_ended, chunks_failed, submitted_at)"
-                    " VALUES (:b, :t, 'customers', 'QUEUED', 1, 0, 0, 0, 1, 0, 0, now())"
-                ),
-                {"b": batch, "t": tenant},
-            )
+            insert_batch(conn, tenant, name, batch, "'QUEUED', 1, 0, 0, 0, 1, 0, 0")
             conn.execute(
                 sa.text(
                     "INSERT INTO chunks (id, batch_id, seq, start_index, item_count, payload, duplicates,"
@@ -110,6 +119,97 @@ def test_migrations_keep_the_items_of_pending_chunks(
         command.downgrade(config, "0003")
         with engine.connect() as conn:
             assert conn.execute(stored, {"c": chunk}).scalar_one() == items
+    finally:
+        engine.dispose()
+
+
+def test_migrations_keep_the_results_of_ended_batches(
+    postgres: PostgresServer, migrated: dict[str, str]
+) -> None:
+    """Results stored as one row per item (revision 0005) read the same after `clientela migrate` keeps them
+    with their chunks, and come back as the same rows after a downgrade."""
+    name = f"results_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(name)
+    url = postgres.url(name)
+    config = alembic_config(url)
+    command.upgrade(config, "0005")
+    tenant, batch, customer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    chunks = [uuid.uuid4(), uuid.uuid4()]
+    rows = [
+        {"idx": 0, "status": "CREATED", "code": "A-1", "customer_id": customer, "errors": None},
+        {
+            "idx": 1,
+            "status": "FAILED",
+            "code": None,
+            "customer_id": None,
+            "errors": '[{"field": "name", "message": "Field is required"}]',
+        },
+        {
+            "idx": 2,
+            "status": "UNPROCESSED",
+            "code": None,
+            "customer_id": None,
+            "errors": '[{"message": "Item could not be processed"}]',
+        },
+    ]
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            insert_batch(conn, tenant, name, batch, "'FAILED', 3, 3, 1, 2, 2, 2, 1")
+            for seq, (chunk, start, count, status) in enumerate(
+                [(chunks[0], 0, 2, "DONE"), (chunks[1], 2, 1, "FAILED")]
+            ):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO chunks (id, batch_id, seq, start_index, item_count, duplicates,"
+                        " status, attempts, available_at)"
+                        " VALUES (:c, :b, :seq, :start, :n, '{}', :s, 1, now())"
+                    ),
+                    {"c": chunk, "b": batch, "seq": seq, "start": start, "n": count, "s": status},
+                )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO item_results (batch_id, idx, status, code, customer_id, errors)"
+                    " VALUES (:b, :idx, :status, :code, :customer_id, CAST(:errors AS json))"
+                ),
+                [{"b": batch, **row} for row in rows],
+            )
+
+        run_cli(["migrate"], {**migrated, "CLIENTELA_DATABASE_URL": url}, timeout=120)
+        with Session(engine) as session:
+            assert orjson.loads(orjson.dumps(batches.results_json(session, batch, statuses=None))) == [
+                {"index": 0, "status": "CREATED", "code": "A-1", "customerId": str(customer)},
+                {
+                    "index": 1,
+                    "status": "FAILED",
+                    "errors": [{"field": "name", "message": "Field is required"}],
+                },
+                {"index": 2, "status": "UNPROCESSED", "errors": [{"message": "Item could not be processed"}]},
+            ]
+            assert batches.failed_items(session, batch) == [
+                {"index": 1, "errors": [{"field": "name", "message": "Field is required"}]},
+                {"index": 2, "errors": [{"message": "Item could not be processed"}]},
+            ]
+
+        command.downgrade(config, "0005")
+        with engine.connect() as conn:
+            back = conn.execute(
+                sa.text(
+                    "SELECT idx, status, code, customer_id, errors::text FROM item_results"
+                    " WHERE batch_id = :b ORDER BY idx"
+                ),
+                {"b": batch},
+            ).all()
+        assert [(r[0], r[1], r[2], r[3], None if r[4] is None else json.loads(r[4])) for r in back] == [
+            (
+                row["idx"],
+                row["status"],
+                row["code"],
+                row["customer_id"],
+                row["errors"] and json.loads(row["errors"]),
+            )
+            for row in rows
+        ]
     finally:
         engine.dispose()
 

@@ -12,14 +12,15 @@ from typing import Any, cast
 
 import lz4.frame
 import orjson
-from sqlalchemy import CursorResult, delete, func, insert, select, text, tuple_
+from sqlalchemy import CursorResult, delete, func, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from typing_extensions import Buffer
 
+from worker import results as item_results
 from worker.contracts import Contract
 from worker.db import is_postgresql
-from worker.models import Batch, BatchStatus, Chunk, IdempotencyKey, ItemResult, ItemStatus, Tenant
+from worker.models import Batch, BatchStatus, Chunk, IdempotencyKey, ItemStatus, Tenant
 
 # How long an Idempotency-Key is remembered (the IETF httpapi draft leaves it to the server; 24 h is common).
 IDEMPOTENCY_KEY_TTL = timedelta(hours=24)
@@ -232,6 +233,11 @@ def summary(batch: Batch) -> dict[str, Any]:
     }
 
 
+def _packed_results(session: Session, batch_id: uuid.UUID) -> list[bytes]:
+    query = select(Chunk.results).where(Chunk.batch_id == batch_id).order_by(Chunk.seq)
+    return [packed for packed in session.scalars(query) if packed is not None]
+
+
 def results(
     session: Session,
     batch_id: uuid.UUID,
@@ -240,50 +246,11 @@ def results(
     offset: int = 0,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The per-index outcomes in index order, as the status endpoint shows them."""
-    query = (
-        select(ItemResult.idx, ItemResult.status, ItemResult.code, ItemResult.customer_id, ItemResult.errors)
-        .where(ItemResult.batch_id == batch_id)
-        .order_by(ItemResult.idx)
-        .offset(offset)
-    )
+    """The per-index outcomes of an ended batch in index order, as the status endpoint shows them."""
+    found = item_results.entries(_packed_results(session, batch_id))
     if statuses is not None:
-        query = query.where(ItemResult.status.in_(statuses))
-    if limit is not None:
-        query = query.limit(limit)
-    entries: list[dict[str, Any]] = []
-    for idx, item_status, code, customer_id, errors in session.execute(query):
-        entry: dict[str, Any] = {"index": idx, "status": item_status}
-        if customer_id is not None:
-            entry["code"] = code
-            entry["customerId"] = str(customer_id)
-        if errors:
-            entry["errors"] = errors
-        entries.append(entry)
-    return entries
-
-
-# The entries of results() as JSON text, built by PostgreSQL next to the rows: a 10,000-item batch would
-# otherwise cost 10,000 rows decoded into Python objects (the errors parsed from JSON) only to be encoded
-# again. Each entry has the keys results() gives it, in the same order; errors are stored as compact JSON.
-_RESULTS_JSON = text(
-    """
-    SELECT '[' || coalesce(string_agg(entry, ',' ORDER BY idx), '') || ']'
-    FROM (
-        SELECT idx,
-            '{"index":' || idx || ',"status":' || to_json(status)::text
-            || CASE WHEN customer_id IS NULL THEN ''
-                ELSE ',"code":' || to_json(code)::text || ',"customerId":"' || customer_id || '"' END
-            || CASE WHEN errors IS NULL OR errors::text IN ('[]', 'null') THEN ''
-                ELSE ',"errors":' || errors::text END
-            || '}' AS entry
-        FROM item_results
-        WHERE batch_id = :batch_id AND (CAST(:statuses AS text[]) IS NULL OR status = ANY(:statuses))
-        ORDER BY idx
-        OFFSET :offset LIMIT :limit
-    ) AS page
-    """
-)
+        found = [entry for entry in found if entry["status"] in statuses]
+    return found[offset:] if limit is None else found[offset : offset + limit]
 
 
 def results_json(
@@ -294,20 +261,12 @@ def results_json(
     offset: int = 0,
     limit: int | None = None,
 ) -> orjson.Fragment:
-    """What results() gives, already serialized, for a response to embed as it is."""
-    if not is_postgresql(session):
-        entries = results(session, batch_id, statuses=statuses, offset=offset, limit=limit)
-        return orjson.Fragment(orjson.dumps(entries))
-    found = session.execute(
-        _RESULTS_JSON,
-        {
-            "batch_id": batch_id,
-            "statuses": None if statuses is None else list(statuses),
-            "offset": offset,
-            "limit": limit,
-        },
-    ).scalar_one()
-    return orjson.Fragment(found)
+    """What results() gives, already serialized, for a response to embed as it is: without a filter or a
+    page, the chunks' entries joined as they are kept, never parsed."""
+    if statuses is None and offset == 0 and limit is None:
+        return orjson.Fragment(item_results.document(_packed_results(session, batch_id)))
+    entries = results(session, batch_id, statuses=statuses, offset=offset, limit=limit)
+    return orjson.Fragment(orjson.dumps(entries))
 
 
 def failed_items(session: Session, batch_id: uuid.UUID) -> list[dict[str, Any]]:

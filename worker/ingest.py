@@ -16,6 +16,7 @@ from typing import Any
 import lz4.frame
 from sqlalchemy import Connection, Integer, Row, bindparam, case, select, update
 
+from worker import results
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
@@ -23,7 +24,7 @@ from worker.contracts.base import ARRAY_ELEMENTS
 from worker.db import connect, is_postgresql
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
-from worker.storage import KeyRace, store_outcomes, write_results
+from worker.storage import KeyRace, store_records
 
 UNPROCESSED_ERROR = {"message": "Item could not be processed"}
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ _PAYLOAD_BINARY = "SELECT payload FROM chunks WHERE id = %s"
 _END_CHUNK = (
     update(Chunk)
     .where(Chunk.id == bindparam("chunk_id"))
-    .values(status=bindparam("status"), payload=None, ended_at=bindparam("now"))
+    .values(status=bindparam("status"), payload=None, results=bindparam("results"), ended_at=bindparam("now"))
 )
 _ENDED = Batch.chunks_ended + 1
 _CHUNK_FAILED = bindparam("chunk_failed", type_=Integer)
@@ -166,13 +167,16 @@ def _process(connection: Connection, chunk_id: uuid.UUID, settings: Settings) ->
         if chunk is None:
             return "skipped"
         if chunk.attempts > settings.max_chunk_attempts:
-            write_results(connection, _unprocessed(chunk))
+            entries = [
+                results.failed(chunk.start_index + position, [UNPROCESSED_ERROR], ItemStatus.UNPROCESSED)
+                for position in range(chunk.item_count)
+            ]
             created = 0
             chunk_status = ChunkStatus.FAILED
         else:
-            created = _validate_and_store(connection, get_contract(chunk.contract), chunk)
+            created, entries = _validate_and_store(connection, get_contract(chunk.contract), chunk)
             chunk_status = ChunkStatus.DONE
-        _end_chunk(connection, chunk, chunk_status, created)
+        _end_chunk(connection, chunk, chunk_status, created, results.pack(entries))
     return chunk_status.lower()
 
 
@@ -188,66 +192,59 @@ def _payload(connection: Connection, chunk_id: uuid.UUID) -> bytes:
     return items
 
 
-def _validate_and_store(connection: Connection, contract: Contract, chunk: LockedChunk) -> int:
-    """Validate the chunk's items and store what they came to; return how many records were created."""
+def _validate_and_store(
+    connection: Connection, contract: Contract, chunk: LockedChunk
+) -> tuple[int, list[str]]:
+    """Validate the chunk's items and store the new records; return how many were created, and each item's
+    result entry in index order."""
     # Each element's text as the client sent it: the contract reads every number from its exact text.
     items = _payload(connection, chunk.id)
+    # Without a JSON escape in the chunk no value holds a character that COPY or JSON would escape.
+    escapes = b"\\" in items
     elements = ARRAY_ELEMENTS.decode(items)
-    failed: list[dict[str, Any]] = []
-    valid: list[tuple[int, list[Any]]] = []
+    entries: list[str] = [""] * len(elements)
+    valid: list[int] = []
+    records: list[list[Any]] = []
     start = chunk.start_index
     duplicates = {int(position): first for position, first in chunk.duplicates.items()}
     for position, element in enumerate(elements):
-        values, errors, key = contract.read(bytes(element))
+        values, errors, _ = contract.read(bytes(element))
         first = duplicates.get(position)
         if first is not None and not any(error.get("field") == contract.key for error in errors):
             message = f"Duplicate {contract.key} in batch (first at index {first})"
             errors = contract.ordered([*errors, {"field": contract.key, "message": message}])
-        idx = start + position
         if errors:
-            failed.append(
-                {
-                    "batch_id": chunk.batch_id,
-                    "idx": idx,
-                    "status": ItemStatus.FAILED,
-                    "code": key,
-                    "customer_id": None,
-                    "errors": errors,
-                }
-            )
+            entries[position] = results.failed(start + position, errors)
         else:
             assert values is not None
-            valid.append((idx, values))
-    return store_outcomes(
+            valid.append(position)
+            records.append(values)
+    ids = store_records(
         connection,
         contract,
         tenant_id=chunk.tenant_id,
         batch_id=chunk.batch_id,
         now=utcnow(),
-        failed=failed,
-        valid=valid,
-        escapes=b"\\" in items,
+        records=records,
+        escapes=escapes,
     )
+    at = contract.key_position
+    exists = [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
+    created = 0
+    for position, values, new_id in zip(valid, records, ids, strict=True):
+        if new_id is None:
+            entries[position] = results.failed(start + position, exists)
+        else:
+            entries[position] = results.created(start + position, values[at], new_id, plain=not escapes)
+            created += 1
+    return created, entries
 
 
-def _unprocessed(chunk: LockedChunk) -> list[dict[str, Any]]:
-    return [
-        {
-            "batch_id": chunk.batch_id,
-            "idx": chunk.start_index + position,
-            "status": ItemStatus.UNPROCESSED,
-            "code": None,
-            "customer_id": None,
-            "errors": [UNPROCESSED_ERROR],
-        }
-        for position in range(chunk.item_count)
-    ]
-
-
-def _end_chunk(connection: Connection, chunk: LockedChunk, status: str, created: int) -> None:
-    """Mark the chunk ended and count it into its batch; the last chunk to end closes the batch."""
+def _end_chunk(connection: Connection, chunk: LockedChunk, status: str, created: int, packed: bytes) -> None:
+    """Mark the chunk ended with its results and count it into its batch; the last chunk to end closes the
+    batch."""
     now = utcnow()
-    connection.execute(_END_CHUNK, {"chunk_id": chunk.id, "status": status, "now": now})
+    connection.execute(_END_CHUNK, {"chunk_id": chunk.id, "status": status, "now": now, "results": packed})
     connection.execute(
         _COUNT_INTO_BATCH,
         {

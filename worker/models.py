@@ -1,4 +1,4 @@
-"""Tables of the pipeline itself: tenants, batches, their chunks and one result per item.
+"""Tables of the pipeline itself: tenants, batches and their chunks, which keep their items' results.
 
 The customer tables belong to the contracts (``worker.contracts``); they share this metadata.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -112,24 +111,13 @@ class Chunk(Base):
     payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     # {position in chunk: batch index of the first item with the same key}, decided at submission.
     duplicates: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    # Once the chunk has ended: one result entry per item, in index order, as worker.results packs them.
+    results: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Until then the chunk is enqueued or being processed; after it, the reconciler enqueues it again.
     available_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class ItemResult(Base):
-    __tablename__ = "item_results"
-
-    # No foreign key on PostgreSQL: its per-row check would double the cost of writing results (migration
-    # 0003 says why nothing is lost).
-    batch_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))
-    code: Mapped[str | None] = mapped_column(String)
-    customer_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class IdempotencyKey(Base):
