@@ -64,7 +64,7 @@ def serve(
     import uvicorn
 
     from api_stub.app import create_app
-    from worker.tasks import tune_garbage_collector
+    from worker.tasks import keep_freed_memory, tune_garbage_collector
 
     settings = get_settings()
     runtime = None
@@ -82,6 +82,7 @@ def serve(
             '-H "Ocp-Apim-Subscription-Key: KEY"'
         )
     app = create_app()
+    keep_freed_memory()
     tune_garbage_collector()
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
@@ -106,9 +107,11 @@ def worker(
 ) -> None:
     """Run a Celery worker for the ingestion queue."""
     _settings_or_exit()
-    from worker.tasks import QUEUE, app
+    from worker.tasks import QUEUE, app, keep_freed_memory
 
     _give_up_cpu_priority(nice)
+    # Before the pool processes are forked: they inherit the setting.
+    keep_freed_memory()
 
     app.worker_main(
         [

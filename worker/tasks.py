@@ -6,6 +6,8 @@ Redis visibility timeout): a chunk whose task failed stays pending and the recon
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import uuid
@@ -61,6 +63,31 @@ app = make_app()
 # allocates tens of thousands of objects (parsed items, validated records, element texts) that reference
 # counting frees, not the collector, so the default of 700 only buys collections that find next to nothing.
 GC_YOUNG_THRESHOLD = 20_000
+
+
+# glibc's mallopt parameters (malloc.h), and the values set for them.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# 32 MiB is the largest mmap threshold glibc takes on 64 bits; a body or chunk below it comes from the heap.
+MMAP_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 128 * 1024 * 1024
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep the memory that a chunk or a request frees, for the next one.
+
+    Each chunk allocates and frees a few blocks of hundreds of kilobytes (its payload, the COPY text, its
+    results), as a request does with its body. With glibc's defaults such a block is a fresh mmap, or its
+    freeing trims the heap, and the next chunk faults the same pages in again, each zeroed by the kernel:
+    page faults took 6% of a pool process's CPU in a bench run. Raising both thresholds keeps the memory;
+    a process's resident size then stays at its peak. Other C libraries are left as they are.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def tune_garbage_collector() -> None:
