@@ -7,6 +7,7 @@ instead.
 
 from __future__ import annotations
 
+import operator
 import os
 import uuid
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ def store_records(
     if not records:
         return []
     if is_postgresql(connection):
-        return _copy_new_records(connection, contract, tenant_id, batch_id, now, records, escapes)
+        return _copy_new_records(connection, contract, tenant_id, batch_id, records, escapes)
     ids = new_ids(len(records))
     rows = [
         {"id": uuid.UUID(new_id), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now}
@@ -79,7 +80,6 @@ def _copy_new_records(
     contract: Contract,
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
-    now: datetime,
     records: Sequence[Sequence[Any]],
     escapes: bool,
 ) -> list[str | None]:
@@ -98,27 +98,27 @@ def _copy_new_records(
     assert raw is not None
     with raw.cursor() as cursor:
         lookup = _TAKEN.format(key=contract.key, table=table)
-        taken = {
-            found for (found,) in cursor.execute(lookup, ([values[at] for values in records], tenant_id))
-        }
+        keys = [values[at] for values in records]
+        taken = {found for (found,) in cursor.execute(lookup, (keys, tenant_id))}
         ids: list[str | None] = list(new_ids(len(records)))
         if taken:
-            ids = [
-                None if values[at] in taken else new_id for new_id, values in zip(ids, records, strict=True)
-            ]
+            ids = [None if key in taken else new_id for new_id, key in zip(ids, keys, strict=True)]
+        lead = (str(tenant_id), str(batch_id))
+        rows = [
+            (*lead, new_id, *values)
+            for new_id, values in zip(ids, records, strict=True)
+            if new_id is not None
+        ]
+        if not rows:
+            return ids
         # Key order: concurrent chunks of one tenant take the unique index's entries in the same order, so
         # one waits for the other instead of both deadlocking.
-        new = sorted(
-            ((new_id, values) for new_id, values in zip(ids, records, strict=True) if new_id is not None),
-            key=lambda pair: pair[1][at],
-        )
-        if not new:
-            return ids
-        lead = (str(tenant_id), str(batch_id), now.isoformat())
-        columns = ", ".join(["tenant_id", "batch_id", "created_at", "id", *contract.value_names])
+        rows.sort(key=operator.itemgetter(len(lead) + 1 + at))
+        # created_at is left to the column's default: now(), the same for every record of the transaction.
+        columns = ", ".join(["tenant_id", "batch_id", "id", *contract.value_names])
         try:
             with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                copy.write(copy_text([(*lead, new_id, *values) for new_id, values in new], escape=escapes))
+                copy.write(copy_text(rows, escape=escapes))
         except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected) as exc:
             raise KeyRace from exc
     return ids

@@ -40,6 +40,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     Uuid,
+    func,
 )
 from sqlalchemy import types as sa_types
 from sqlalchemy.engine import Dialect
@@ -343,7 +344,8 @@ class Contract:
             # No foreign key on PostgreSQL, for the cost of its per-row check (see migration 0003).
             Column("tenant_id", Uuid, nullable=False),
             Column("batch_id", Uuid, nullable=False),
-            Column("created_at", DateTime(timezone=True), nullable=False),
+            # The start of the transaction that stored the record, unless given.
+            Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
             *(spec.column() for spec in self.fields),
             UniqueConstraint("tenant_id", self.key, name=f"uq_{self.table_name}_tenant_{self.key}"),
             *checks,
