@@ -90,35 +90,40 @@ def test_migrations_keep_the_items_of_pending_chunks(
     postgres: PostgresServer, migrated: dict[str, str]
 ) -> None:
     """A chunk still pending when `clientela migrate` upgrades a schema of revision 0003 (which stored the
-    items as text) keeps its items, in the form today's workers read; a downgrade gives them back as text."""
+    items as a JSON array in text) keeps its items, in the form today's workers read (one per line, a line
+    break between an item's tokens a space); a downgrade gives them back as an array in text."""
     name = f"upgrade_{uuid.uuid4().hex[:8]}"
     postgres.create_database(name)
     url = postgres.url(name)
     config = alembic_config(url)
     command.upgrade(config, "0003")
-    items = '[{"code": "Ñ-1", "name": "x", "quota": 9999999999999999.99}]'
+    first = '{"code": "Ñ-1", "name": "x", "quota": 9999999999999999.99}'
+    second = '{"code": "Ñ-2",\n "name": "y, z"}'
     engine = sa.create_engine(url)
     tenant, batch, chunk = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     try:
         with engine.begin() as conn:
-            insert_batch(conn, tenant, name, batch, "'QUEUED', 1, 0, 0, 0, 1, 0, 0")
+            insert_batch(conn, tenant, name, batch, "'QUEUED', 2, 0, 0, 0, 1, 0, 0")
             conn.execute(
                 sa.text(
                     "INSERT INTO chunks (id, batch_id, seq, start_index, item_count, payload, duplicates,"
                     " status, attempts, available_at)"
-                    " VALUES (:c, :b, 0, 0, 1, :items, '{}', 'PENDING', 0, now())"
+                    " VALUES (:c, :b, 0, 0, 2, :items, '{}', 'PENDING', 0, now())"
                 ),
-                {"c": chunk, "b": batch, "items": items},
+                {"c": chunk, "b": batch, "items": f"[{first},{second}]"},
             )
         stored = sa.text("SELECT payload FROM chunks WHERE id = :c")
 
         run_cli(["migrate"], {**migrated, "CLIENTELA_DATABASE_URL": url}, timeout=120)
         with engine.connect() as conn:
-            assert lz4.frame.decompress(conn.execute(stored, {"c": chunk}).scalar_one()) == items.encode()
+            payload = lz4.frame.decompress(conn.execute(stored, {"c": chunk}).scalar_one())
+        assert payload.decode().split("\n") == [first, second.replace("\n", " ")]
 
         command.downgrade(config, "0003")
         with engine.connect() as conn:
-            assert conn.execute(stored, {"c": chunk}).scalar_one() == items
+            assert (
+                conn.execute(stored, {"c": chunk}).scalar_one() == f"[{first},{second.replace(chr(10), ' ')}]"
+            )
     finally:
         engine.dispose()
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import Tenant
-from tests.helpers import post_batch, unique_code
+from tests.helpers import created, post_batch, run_batch, strip_ids, unique_code
 from tests.services import Server
 
 
@@ -152,3 +152,19 @@ def test_malformed_requests_never_answer_5xx(tenant: Tenant) -> None:
         assert r.status_code < 500, (raw[:40], r.status_code, r.text[:300])
         body = r.json()
         assert body["statusCode"] == r.status_code
+
+
+def test_a_pretty_printed_body_is_read_as_the_same_items(tenant: Tenant) -> None:
+    """Line breaks between tokens (indented JSON, CRLF too) are whitespace, whatever the worker's storage
+    of the items; a line break escaped inside a string stays one, and a number keeps its exact text."""
+    prefix = unique_code("PP")
+    items = [
+        {"code": f"{prefix}-1", "name": "two\nlines", "quota": "QUOTA"},
+        {"code": f"{prefix}-2", "name": "plain", "observations": "a, b\r\nc"},
+    ]
+    raw = json.dumps(items, indent=2).replace("\n", "\r\n").replace('"QUOTA"', "1234567890123456.010")
+    body = run_batch(tenant.client, raw=raw)
+    assert strip_ids(body["results"]) == [created(0, f"{prefix}-1"), created(1, f"{prefix}-2")]
+    first = tenant.client.get(f"/v1/customers/{prefix}-1").json()
+    assert (first["name"], first["quota"]) == ("two\nlines", "1234567890123456.01")
+    assert tenant.client.get(f"/v1/customers/{prefix}-2").json()["observations"] == "a, b\r\nc"

@@ -20,7 +20,6 @@ from worker import results
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
-from worker.contracts.base import ARRAY_ELEMENTS
 from worker.db import connect, is_postgresql
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
@@ -201,14 +200,14 @@ def _validate_and_store(
     items = _payload(connection, chunk.id)
     # Without a JSON escape in the chunk no value holds a character that COPY or JSON would escape.
     escapes = b"\\" in items
-    elements = ARRAY_ELEMENTS.decode(items)
+    elements = items.split(b"\n")
     entries: list[str] = [""] * len(elements)
     valid: list[int] = []
     records: list[list[Any]] = []
     start = chunk.start_index
     duplicates = {int(position): first for position, first in chunk.duplicates.items()}
     for position, element in enumerate(elements):
-        values, errors, _ = contract.read(bytes(element))
+        values, errors, _ = contract.read(element)
         first = duplicates.get(position)
         if first is not None and not any(error.get("field") == contract.key for error in errors):
             message = f"Duplicate {contract.key} in batch (first at index {first})"

@@ -106,8 +106,8 @@ class Chunk(Base):
     seq: Mapped[int] = mapped_column(Integer)
     start_index: Mapped[int] = mapped_column(Integer)
     item_count: Mapped[int] = mapped_column(Integer)
-    # The chunk's items, as a JSON array of the elements as sent, compressed by the receiver (an lz4 frame);
-    # cleared once the chunk has ended, so raw input does not linger.
+    # The chunk's items, the JSON text of each as sent on a line of its own, compressed by the receiver (an
+    # lz4 frame); cleared once the chunk has ended, so raw input does not linger.
     payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     # {position in chunk: batch index of the first item with the same key}, decided at submission.
     duplicates: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
