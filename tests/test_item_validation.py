@@ -300,3 +300,9 @@ def test_text_with_escapes_is_stored_as_sent(tenant: Tenant) -> None:
             text,
             f"{text}|{text}",
         )
+    # The same codes again, one of them plain: each one is found taken, escaped or not.
+    again = [*items[:n], {"code": f"{prefix}-x", "name": "k"}]
+    body = wait_for_batch(tenant.client, submit(tenant.client, raw=json.dumps(again)))
+    assert body["results"] == [failed(i, err("code", "Code already exists")) for i in range(n)] + [
+        created(n, f"{prefix}-x") | {"customerId": body["results"][n]["customerId"]}
+    ]

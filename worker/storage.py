@@ -67,9 +67,13 @@ def store_records(
 # planner's statistics say (``key = ANY(…)`` can become a scan of all the tenant's records), and the probes
 # bring in the index pages the COPY then writes to.
 _TAKEN = (
-    "SELECT k.key FROM unnest(CAST(%s AS text[])) AS k(key), "
+    "SELECT k.key FROM unnest({keys}) AS k(key), "
     "LATERAL (SELECT FROM {table} AS t WHERE t.tenant_id = %s AND t.{key} = k.key LIMIT 1) AS found"
 )
+# The keys as one text, a line each: a fraction of what sending an array of them costs the client. A key
+# only holds a line break in a chunk whose JSON holds an escape; those send the array.
+_KEYS_BY_LINE = "string_to_array(%s, E'\\n')"
+_KEYS_ARRAY = "CAST(%s AS text[])"
 # The text format of COPY: a value is written as it is unless it holds one of these, \N is null.
 _NULL = "\\N"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -97,9 +101,10 @@ def _copy_new_records(
     raw = connection.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
-        lookup = _TAKEN.format(key=contract.key, table=table)
         keys = [values[at] for values in records]
-        taken = {found for (found,) in cursor.execute(lookup, (keys, tenant_id))}
+        lookup = _TAKEN.format(keys=_KEYS_ARRAY if escapes else _KEYS_BY_LINE, key=contract.key, table=table)
+        sent = keys if escapes else "\n".join(keys)
+        taken = {found for (found,) in cursor.execute(lookup, (sent, tenant_id))}
         ids: list[str | None] = list(new_ids(len(records)))
         if taken:
             ids = [None if key in taken else new_id for new_id, key in zip(ids, keys, strict=True)]
