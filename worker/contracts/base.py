@@ -157,8 +157,9 @@ class Decimal:
         # fits this column. Its text alone decides that, in one regex, without building a Decimal first;
         # trailing zeros of the fraction do not count. Anything else (exponents, leading zeros or `+`,
         # more digits, no digit after the point) takes the exact path below, which decides it.
-        whole = "0" if integer_digits == 0 else f"(?:0|[1-9][0-9]{{0,{integer_digits - 1}}})"
-        fits = re.compile(rf"-?{whole}(?:\.(?=[0-9])[0-9]{{0,{self.scale}}}0*)?")
+        # Possessive repeats: a shorter run of digits never lets the text fit, so the regex need not try one.
+        whole = "0" if integer_digits == 0 else f"(?:0|[1-9][0-9]{{0,{integer_digits - 1}}}+)"
+        fits = re.compile(rf"-?{whole}(?:\.(?=[0-9])[0-9]{{0,{self.scale}}}+0*+)?")
         object.__setattr__(self, "_fits", fits)
 
     def parse(self, value: Any) -> PyDecimal | None:
@@ -210,7 +211,8 @@ class Decimal:
     def fits_json(self) -> str:
         """The JSON texts the fast path takes for this field: null, or a number or a string holding a
         plain decimal that fits."""
-        return f'(?:null|{self._fits.pattern}|"{self._fits.pattern}")'
+        # Atomic: the three forms start differently, so once one has matched no other can.
+        return f'(?>null|{self._fits.pattern}|"{self._fits.pattern}")'
 
     @staticmethod
     def _from_text_or_int(value: int | str | PyDecimal) -> PyDecimal:
@@ -416,7 +418,9 @@ class Contract:
             return None
         values = msgspec.structs.astuple(record)
         absent = values.count(UNSET)
-        if not _keys_once(element, values, len(values) - absent):
+        present = len(values) - absent
+        colons = element.count(b":")
+        if colons != present and not _keys_once(element, values, present, colons):
             return None
         if absent:
             values = tuple(
@@ -465,16 +469,16 @@ class Contract:
         ]
 
 
-def _keys_once(element: bytes, values: Sequence[Any], present: int) -> bool:
+def _keys_once(element: bytes, values: Sequence[Any], present: int, colons: int) -> bool:
     """Whether no key of the fast struct's ``element`` was given twice: msgspec keeps a repeated key's last
     value without a word.
 
     Every ':' of the text ends a key or lies inside a string. A struct field holds one key, so when the
     text's ':' are as many as the keys present plus the ':' in the decoded strings, no ':' is left for a
     repeated key (whose earlier value, and its ':', the struct lost). An escaped ':' (``\\u003a``) would
-    count in the strings but not in the text, so such an element is never said to pass.
+    count in the strings but not in the text, so such an element is never said to pass. ``colons`` are the
+    text's.
     """
-    colons = element.count(b":")
     if colons == present:
         return True
     if b"\\u003a" in element or b"\\u003A" in element:
