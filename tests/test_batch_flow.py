@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import lz4.frame
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 
 from tests.conftest import CHUNK_SIZE, Tenant
@@ -272,3 +274,29 @@ def test_concurrent_chunks_with_the_same_codes_create_each_once(
         "SELECT max(attempts) FROM chunks WHERE batch_id::text IN (:a, :b)", a=batch_ids[0], b=batch_ids[1]
     )
     assert attempts == [(1,)], "a chunk needed a second attempt"
+
+
+def test_a_chunk_stored_as_an_array_by_an_older_receiver_is_still_read(
+    stopped_workers: Workers, tenant: Tenant, engine: sa.Engine
+) -> None:
+    """Before migration 0008 a receiver stored a chunk as a JSON array; one still running while a deployment
+    is upgraded does so after it. The workers read such a chunk item for item, as they read their own."""
+    prefix = uuid.uuid4().hex[:8]
+    items: list[Any] = [{"code": f"{prefix}-{i}", "name": f"Name\n{i}"} for i in range(3)]
+    items.insert(1, ["not", "an", "object"])
+    batch_id = submit(tenant.client, items)
+    array = lz4.frame.compress(json.dumps(items, indent=1).encode())
+    with engine.begin() as conn:
+        changed = conn.execute(
+            sa.text("UPDATE chunks SET payload = :payload WHERE batch_id = CAST(:b AS uuid)"),
+            {"payload": array, "b": batch_id},
+        ).rowcount
+    assert changed == 1
+    stopped_workers.start()
+    body = wait_for_batch(tenant.client, batch_id)
+    assert strip_ids(body["results"]) == [
+        created(0, f"{prefix}-0"),
+        failed(1, err(None, "Item must be an object")),
+        created(2, f"{prefix}-1"),
+        created(3, f"{prefix}-2"),
+    ]

@@ -140,9 +140,9 @@ def new_batch(
     """A batch of ``items``: its chunks, each with its payload and its in-batch duplicate facts.
 
     ``items`` are the JSON texts of the items, as UTF-8 without a line break, stored as they are (numbers
-    keep their exact text), one per line; ``keys`` the uniqueness key of each, or None. The first item
-    with a key owns it; every later item with the same key is recorded as its duplicate, so the workers
-    decide duplicates the same way whatever order the chunks run in.
+    keep their exact text), each on a line of its own; ``keys`` the uniqueness key of each, or None. The
+    first item with a key owns it; every later item with the same key is recorded as its duplicate, so the
+    workers decide duplicates the same way whatever order the chunks run in.
     """
     batch_id = uuid.uuid4()
     count = len(items)
@@ -165,7 +165,9 @@ def new_batch(
                 "seq": seq,
                 "start_index": start,
                 "item_count": len(part),
-                "payload": lz4.frame.compress(b"\n".join(part)),
+                # Each item ends its line, so a payload always ends with a line break; one written as a
+                # JSON array, before migration 0008, ends with "]".
+                "payload": lz4.frame.compress(b"\n".join([*part, b""])),
                 "duplicates": duplicates[seq],
             }
         )

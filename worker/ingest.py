@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import lz4.frame
+import msgspec
 from sqlalchemy import Connection, Integer, Row, bindparam, case, select, update
 
 from worker import results
@@ -191,6 +192,17 @@ def _payload(connection: Connection, chunk_id: uuid.UUID) -> bytes:
     return items
 
 
+# A chunk stored as a JSON array by a receiver that ran before migration 0008, while workers were upgraded.
+_ARRAY_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _elements(items: bytes) -> list[bytes]:
+    """The JSON text of each of a chunk's items: one per line, each line ended by a line break."""
+    if items.endswith(b"\n"):
+        return items[:-1].split(b"\n")
+    return [bytes(element) for element in _ARRAY_ELEMENTS.decode(items)]
+
+
 def _validate_and_store(
     connection: Connection, contract: Contract, chunk: LockedChunk
 ) -> tuple[int, list[str]]:
@@ -200,7 +212,7 @@ def _validate_and_store(
     items = _payload(connection, chunk.id)
     # Without a JSON escape in the chunk no value holds a character that COPY or JSON would escape.
     escapes = b"\\" in items
-    elements = items.split(b"\n")
+    elements = _elements(items)
     entries: list[str] = [""] * len(elements)
     valid: list[int] = []
     records: list[list[Any]] = []

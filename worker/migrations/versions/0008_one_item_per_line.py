@@ -5,9 +5,11 @@ Revises: 0007
 Create Date: 2026-12-06 23:30:00
 
 A worker split a chunk's JSON array into its elements by scanning the whole text again, which cost it
-about 6% of its work per item. The receiver now stores each element on a line of its own (any line break
-inside one was whitespace between tokens and becomes a space), so the split is a search for line breaks.
-Pending chunks are recoded; ended ones have no payload.
+about 6% of its work per item. The receiver now stores each element on a line of its own, ended by a line
+break (any line break inside one was whitespace between tokens and becomes a space), so the split is a
+search for line breaks. Pending chunks are recoded; ended ones have no payload. A chunk that a receiver of
+before this revision stores as an array while the deployment is upgraded ends with "]" rather than a line
+break, and the worker still reads it.
 """
 
 from collections.abc import Callable, Sequence
@@ -25,11 +27,13 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     elements = msgspec.json.Decoder(list[msgspec.Raw])
-    _recode_pending(lambda items: b"\n".join(bytes(e).replace(b"\n", b" ") for e in elements.decode(items)))
+    _recode_pending(
+        lambda items: b"".join(bytes(e).replace(b"\n", b" ") + b"\n" for e in elements.decode(items))
+    )
 
 
 def downgrade() -> None:
-    _recode_pending(lambda items: b"[" + items.replace(b"\n", b",") + b"]")
+    _recode_pending(lambda items: b"[" + items.removesuffix(b"\n").replace(b"\n", b",") + b"]")
 
 
 def _recode_pending(recode: Callable[[bytes], bytes]) -> None:
