@@ -14,7 +14,7 @@ import msgspec
 from fastapi import Request
 
 from api_stub.errors import ApiError
-from worker.contracts.base import Contract
+from worker.contracts.base import ARRAY_ELEMENTS, Contract
 
 JSON_MEDIA_TYPE = "application/json"
 # A customer is one object of some 30 scalar fields. Allowing 100 JSON values per item leaves room for
@@ -25,9 +25,6 @@ VALUES_PER_ITEM = 100
 # converting a string: an element at most this long cannot hold one.
 MAX_DEPTH = 200
 MAX_DIGITS = 4300
-# A JSON array split into the texts of its elements, each byte for byte, without building them (msgspec
-# checks their syntax as it skips them).
-ARRAY_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 

@@ -15,7 +15,7 @@ from worker.config import get_settings
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _sessions: sessionmaker[Session] | None = None
-# PostgreSQL settings every new connection of this process starts with (see chunk_settings).
+# PostgreSQL settings every new connection of this process starts with (see use_server_settings).
 _server_settings: dict[str, str] = {}
 
 

@@ -14,13 +14,13 @@ from datetime import timedelta
 from typing import Any
 
 import lz4.frame
-import msgspec
 from sqlalchemy import Connection, Integer, Row, bindparam, case, select, update
 
 from worker import results
 from worker.batches import utcnow
 from worker.config import Settings
 from worker.contracts import Contract, get_contract
+from worker.contracts.base import ARRAY_ELEMENTS
 from worker.db import connect, is_postgresql
 from worker.models import Batch, BatchStatus, Chunk, ChunkStatus, ItemStatus
 from worker.reconciler import CHUNK_TRANSACTION
@@ -191,15 +191,15 @@ def _payload(connection: Connection, chunk_id: uuid.UUID) -> bytes:
     return items
 
 
-# A chunk stored as a JSON array by a receiver that ran before migration 0008, while workers were upgraded.
-_ARRAY_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
-
-
 def _elements(items: bytes) -> list[bytes]:
-    """The JSON text of each of a chunk's items: one per line, each line ended by a line break."""
-    if items.endswith(b"\n"):
-        return items[:-1].split(b"\n")
-    return [bytes(element) for element in _ARRAY_ELEMENTS.decode(items)]
+    """The JSON text of each of a chunk's items: one per line, each line ended by a line break; or, from a
+    receiver of before migration 0008 still running while a deployment is upgraded, a JSON array."""
+    if not items.endswith(b"\n"):
+        return [bytes(element) for element in ARRAY_ELEMENTS.decode(items)]
+    lines = items.split(b"\n")
+    # The empty text after the last line break.
+    lines.pop()
+    return lines
 
 
 def _validate_and_store(

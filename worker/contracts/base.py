@@ -68,6 +68,11 @@ _NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity",
 ItemErrors = list[dict[str, str]]
 _JSON_NULL = msgspec.Raw(b"null")
 
+# A JSON array split into the texts of its elements, each byte for byte, without building them (msgspec
+# checks their syntax as it skips them): the receiver splits bodies with it, and a worker the chunks that a
+# receiver of before migration 0008 stored as arrays.
+ARRAY_ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
+
 
 class StoredDecimal(sa_types.TypeDecorator[PyDecimal]):
     """``numeric(p, s)`` on PostgreSQL; exact decimal text on SQLite, which has no decimal type."""
