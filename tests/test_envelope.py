@@ -30,8 +30,9 @@ def test_wrong_content_type_is_415(tenant: Tenant, content_type: str | None) -> 
     assert r.json() == error_body(415, "Content-Type: application/json is required")
 
 
-def test_empty_body_is_422(tenant: Tenant) -> None:
-    r = post_batch(tenant.client, raw=b"")
+@pytest.mark.parametrize("raw", [b"", b" \r\n\t "])
+def test_empty_body_is_422(tenant: Tenant, raw: bytes) -> None:
+    r = post_batch(tenant.client, raw=raw)
     assert r.status_code == 422
     assert r.json() == error_body(422, "Request body cannot be empty")
 
