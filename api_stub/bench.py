@@ -76,7 +76,10 @@ STATUS_SAMPLES = 20
 # Passes of the COPY ceiling, each about a second of one core; their median is the ceiling.
 CEILING_PASSES = 3
 POLL_SECONDS = 0.1
-RSS_SAMPLE_SECONDS = 0.2
+# The batch list is polled during the timed run as often as a running batch's 423 asks pollers to come back
+# (Retry-After: 1): the run ends at the workers' completedAt, so polling more often only loads the receiver.
+RUN_POLL_SECONDS = 1.0
+SAMPLE_SECONDS = 0.2
 END_DEADLINE_SECONDS = 600
 READY_SECONDS = 90
 HTTP_TIMEOUT = 120
@@ -497,15 +500,18 @@ def _peak_rss(process: psutil.Process) -> int:
 
 
 @dataclass
-class RssSampler:
-    """The largest resident set any single process of the worker host (main or pool child) reached."""
+class Sampler:
+    """The largest resident set any single process of the worker host (main or pool child) reached, and the
+    machine's CPU times with when they were read, every SAMPLE_SECONDS."""
 
     pid: int
     peak: int = 0
+    machine: list[tuple[float, Any]] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
     def sample(self) -> None:
+        self.machine.append((time.time(), psutil.cpu_times()))
         with contextlib.suppress(psutil.Error):
             main = psutil.Process(self.pid)
             for process in [main, *main.children(recursive=True)]:
@@ -513,10 +519,11 @@ class RssSampler:
                     self.peak = max(self.peak, _peak_rss(process))
 
     def _run(self) -> None:
-        while not self.stopping.wait(RSS_SAMPLE_SECONDS):
+        while not self.stopping.wait(SAMPLE_SECONDS):
             self.sample()
 
     def start(self) -> None:
+        self.sample()
         self.thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self.thread.start()
 
@@ -525,6 +532,12 @@ class RssSampler:
         if self.thread is not None:
             self.thread.join()
         self.sample()
+
+    def busy_until(self, moment: float) -> float:
+        """The share of the machine's CPUs busy from the start until the first reading at or after
+        ``moment`` (a time.time())."""
+        end = next((cpu for at, cpu in self.machine if at >= moment), self.machine[-1][1])
+        return _busy_share(self.machine[0][1], end)
 
 
 # Where Linux counts a CPU's time; guest time is already within user time.
@@ -562,9 +575,7 @@ class CpuMeter:
     trees: dict[str, int]
     alone: dict[str, int]
     started: dict[str, dict[int, float]] = field(default_factory=dict)
-    machine: Any = None
     seconds: dict[str, float] = field(default_factory=dict)
-    busy: float = 0.0
 
     def _read(self) -> dict[str, dict[int, float]]:
         found: dict[str, dict[int, float]] = {}
@@ -579,7 +590,6 @@ class CpuMeter:
         return found
 
     def start(self) -> None:
-        self.machine = psutil.cpu_times()
         self.started = self._read()
 
     def stop(self) -> None:
@@ -588,7 +598,6 @@ class CpuMeter:
             name: sum(cpu - self.started[name].get(pid, 0.0) for pid, cpu in ended[name].items())
             for name in ended
         }
-        self.busy = _busy_share(self.machine, psutil.cpu_times())
 
 
 @dataclass
@@ -688,7 +697,7 @@ def wait_until_ended(
         if not sending and len(ours) == len(planned) and all(s["status"] == "COMPLETED" for s in ours):
             seen = time.time()
             return max(datetime.fromisoformat(s["completedAt"]).timestamp() for s in ours), seen
-        time.sleep(POLL_SECONDS)
+        time.sleep(RUN_POLL_SECONDS)
     raise BenchError(f"not every batch ended within {END_DEADLINE_SECONDS}s")
 
 
@@ -1003,7 +1012,7 @@ def measure(
     say: Callable[[str], None],
 ) -> Figures:
     run = Submissions.of(timed)
-    sampler = RssSampler(deploy.worker.pid)
+    sampler = Sampler(deploy.worker.pid)
     meter = CpuMeter(
         trees={"worker host": deploy.worker.pid, **svc.server_pids, "receiver": deploy.receiver.pid},
         alone={"bench client": os.getpid()},
@@ -1039,7 +1048,7 @@ def measure(
         status_seconds=status_seconds,
         worker_peak_rss=sampler.peak,
         cpu_seconds=meter.seconds,
-        cpu_busy=meter.busy,
+        cpu_busy=sampler.busy_until(end),
     )
 
 
