@@ -308,6 +308,11 @@ def plan_batch(rng: random.Random, prefix: str, size: int, existing: list[str], 
 # ----- services and processes
 
 
+def psycopg_dsn(url: str) -> str:
+    """A SQLAlchemy database URL as psycopg takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 @dataclass
 class Services:
     """The PostgreSQL and Redis the run uses, and a line telling the reader which they are."""
@@ -321,7 +326,7 @@ class Services:
 
     @property
     def dsn(self) -> str:
-        return make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg_dsn(self.database_url)
 
 
 @contextlib.contextmanager
@@ -823,8 +828,7 @@ def recycle_wal(url: str, nbytes: int) -> int:
     it writes (a tenth of its backends' CPU in perf, and every commit stalled while a file was added), and
     the ceiling, which runs after checkpoints, for none.
     """
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(psycopg_dsn(url), autocommit=True) as conn:
         row = conn.execute(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'"
         ).fetchone()

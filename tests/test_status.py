@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from tests.conftest import Tenant
+from tests.conftest import CHUNK_SIZE, Tenant
 from tests.helpers import (
     LOCKED,
     SUMMARY_KEYS,
@@ -88,6 +88,32 @@ def test_results_filter_and_paging(tenant: Tenant) -> None:
     assert results(limit=1) == [by_index[0]]
     assert results(status="CREATED", offset=1, limit=1) == [by_index[2]]
     assert strip_ids(results()) == expected
+
+
+def test_pages_across_chunks_are_the_full_results_cut(tenant: Tenant) -> None:
+    """A page reads only the chunks that hold it: its entries are still those of the full answer."""
+    prefix = unique_code("PG")
+    items = [
+        {"code": f"{prefix}-{i:04d}", **({} if i % 7 == 3 else {"name": f"Page {i}"})}
+        for i in range(2 * CHUNK_SIZE + 100)
+    ]
+    batch_id = submit(tenant.client, items)
+    full = wait_for_batch(tenant.client, batch_id)["results"]
+    assert len(full) == len(items)
+    for offset, limit in [
+        (0, 1),
+        (CHUNK_SIZE - 1, 2),
+        (CHUNK_SIZE, CHUNK_SIZE),
+        (CHUNK_SIZE - 5, CHUNK_SIZE + 10),
+        (2 * CHUNK_SIZE + 99, 10),
+        (2 * CHUNK_SIZE + 100, 10),
+        (CHUNK_SIZE + 1, None),
+    ]:
+        params: dict[str, int] = {"offset": offset} if limit is None else {"offset": offset, "limit": limit}
+        r = tenant.client.get(f"/v1/customers/batches/{batch_id}", params=params)
+        assert r.status_code == 200, r.text
+        end = None if limit is None else offset + limit
+        assert r.json()["results"] == full[offset:end], (offset, limit)
 
 
 def test_locked_while_queued_and_listed_meanwhile(stopped_workers: Workers, tenant: Tenant) -> None:

@@ -249,9 +249,21 @@ def results(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """The per-index outcomes of an ended batch in index order, as the status endpoint shows them."""
+    if statuses is None:
+        # Without a filter an entry's place is its index: only the chunks that hold the page are read.
+        query = select(Chunk.start_index, Chunk.results).where(
+            Chunk.batch_id == batch_id, Chunk.start_index + Chunk.item_count > offset
+        )
+        if limit is not None:
+            query = query.where(Chunk.start_index < offset + limit)
+        held = session.execute(query.order_by(Chunk.seq)).all()
+        if not held:
+            return []
+        page = item_results.entries(packed for _, packed in held if packed is not None)
+        skip = offset - held[0].start_index
+        return page[skip:] if limit is None else page[skip : skip + limit]
     found = item_results.entries(_packed_results(session, batch_id))
-    if statuses is not None:
-        found = [entry for entry in found if entry["status"] in statuses]
+    found = [entry for entry in found if entry["status"] in statuses]
     return found[offset:] if limit is None else found[offset : offset + limit]
 
 
