@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import httpx
 
 from worker import results as item_results
+from worker.contracts.customer import CUSTOMER
 
 # The reference document's field table, in its order: (name, kind, max length | (precision, scale)).
 FIELDS: list[tuple[str, str, Any]] = [
@@ -267,3 +268,10 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, pause: flo
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
         time.sleep(pause)
+
+
+def read_item(text: bytes) -> tuple[list[Any] | None, list[dict[str, str]]]:
+    """One item's JSON text as a worker reads it in a chunk of its own: its stored values in
+    ``value_names`` order (decimals as text), or None and its errors."""
+    records, errors = CUSTOMER.read_chunk([text], escapes=b"\\" in text)
+    return (records.values(0) if records.positions else None), errors.get(0, [])

@@ -8,6 +8,7 @@ from typing import Any
 import jiter
 import pytest
 
+from tests.helpers import read_item
 from worker.contracts import CONTRACTS
 from worker.contracts.customer import CUSTOMER
 
@@ -145,8 +146,9 @@ def test_an_item_must_be_an_object(item: Any) -> None:
 
 def test_plainly_valid_items_take_the_fast_path_and_keep_their_exact_text() -> None:
     text = b'{"code": "C1", "name": "N", "quota": 50000000.10, "term": "30", "discount": null, "state": "Y"}'
-    values = CUSTOMER.plain_values(text)
-    assert values is not None
+    records = CUSTOMER.plain_records([text], escapes=b"\\" in text)
+    assert records.positions == [0]
+    values = records.values(0)
     stored = dict(zip(CUSTOMER.value_names, values, strict=True))
     assert (stored["code"], stored["quota"], stored["term"], stored["discount"]) == (
         "C1",
@@ -154,7 +156,7 @@ def test_plainly_valid_items_take_the_fast_path_and_keep_their_exact_text() -> N
         "30",
         None,
     )
-    assert CUSTOMER.read(text) == (values, [], "C1")
+    assert read_item(text) == (values, [])
 
 
 @pytest.mark.parametrize(
@@ -175,10 +177,10 @@ def test_plainly_valid_items_take_the_fast_path_and_keep_their_exact_text() -> N
 )
 def test_other_items_are_left_to_the_model(fields: str) -> None:
     text = f'{{"code": "C1", "name": "N", {fields}}}'.encode()
-    assert CUSTOMER.plain_values(text) is None
+    assert CUSTOMER.plain_records([text], escapes=b"\\" in text).positions == []
     values, errors = CUSTOMER.validate(jiter.from_json(text, float_mode="lossless-float"))
-    read_values, read_errors, key = CUSTOMER.read(text)
-    assert (read_errors, key) == (errors, "C1")
+    read_values, read_errors = read_item(text)
+    assert read_errors == errors
     if values is None:
         assert read_values is None
     else:

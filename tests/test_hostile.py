@@ -28,7 +28,16 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from tests.conftest import SECRET_KEY, Tenant
-from tests.helpers import UNAUTHORIZED, post_batch, run_batch, strip_ids, submit, unique_code, wait_for_batch
+from tests.helpers import (
+    UNAUTHORIZED,
+    post_batch,
+    read_item,
+    run_batch,
+    strip_ids,
+    submit,
+    unique_code,
+    wait_for_batch,
+)
 from tests.report import figure
 from tests.services import Server, Workers
 from worker.contracts.base import Choice, Text
@@ -351,13 +360,12 @@ def test_validator_gives_the_contracts_errors_for_generated_items(
 def test_the_workers_fast_path_reads_generated_items_as_the_model_does(
     generated: GeneratedItem, examples: list[int]
 ) -> None:
-    """What the worker stores for an item's JSON text (Contract.read, fast path or model) is what the model
-    decides for the parsed item: the same errors and key, or the same values with decimals as exact text."""
+    """What the worker stores for an item's JSON text (fast path or model) is what the model decides for
+    the parsed item: the same errors, or the same values with decimals as exact text."""
     examples[0] += 1
     examples[1] += 1
-    values, errors, key = CUSTOMER.read(as_json([generated.item])[1:-1])
+    values, errors = read_item(as_json([generated.item])[1:-1])
     assert errors == generated.errors
-    assert key == CUSTOMER.key_of(generated.item)
     if errors:
         assert values is None
         return
@@ -386,7 +394,7 @@ def test_a_field_given_twice_fails_its_item_whatever_the_values(
     key = again.draw(st.sampled_from(known))
     value = again.draw(st.one_of(st.just(generated.item[key]), ANY_JSON))
     text = as_json([generated.item])[1:-2] + b"," + as_json([{key: value}])[2:-1]
-    values, errors, _ = CUSTOMER.read(text)
+    values, errors = read_item(text)
     assert values is None
     table = CUSTOMER.field_names
     kept = [e for e in generated.errors if e["field"] != key]
@@ -395,6 +403,24 @@ def test_a_field_given_twice_fails_its_item_whatever_the_values(
     ]
     at = later[0] if later else len(kept)
     assert errors == [*kept[:at], {"field": key, "message": REPEATED}, *kept[at:]]
+
+
+@given(generated=st.lists(ANY_ITEMS, min_size=2, max_size=30))
+@VALIDATOR_SETTINGS
+def test_a_chunk_read_at_once_gives_each_item_what_it_gets_alone(
+    generated: list[GeneratedItem], examples: list[int]
+) -> None:
+    """A worker reads a chunk's items together, the valid ones apart from the others: whatever the mix,
+    each item ends with the values or the errors that reading it alone gives."""
+    examples[0] += 1
+    examples[1] += len(generated)
+    texts = [as_json([g.item])[1:-1] for g in generated]
+    records, errors = CUSTOMER.read_chunk(texts, escapes=any(b"\\" in text for text in texts))
+    assert sorted([*records.positions, *errors]) == list(range(len(texts)))
+    together = {position: (records.values(k), []) for k, position in enumerate(records.positions)}
+    together |= {position: (None, item_errors) for position, item_errors in errors.items()}
+    assert [together[position] for position in range(len(texts))] == [read_item(text) for text in texts]
+    assert [together[p][1] for p in range(len(texts))] == [g.errors for g in generated]
 
 
 @pytest.mark.parametrize(

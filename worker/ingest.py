@@ -9,9 +9,10 @@ run on one connection, taken from the pool once per chunk.
 from __future__ import annotations
 
 import logging
+import operator
 import uuid
 from datetime import timedelta
-from typing import Any
+from itertools import compress, repeat
 
 import lz4.frame
 from sqlalchemy import Connection, Integer, Row, bindparam, case, select, update
@@ -212,23 +213,15 @@ def _validate_and_store(
     # Without a JSON escape in the chunk no value holds a character that COPY or JSON would escape.
     escapes = b"\\" in items
     elements = _elements(items)
-    entries: list[str] = [""] * len(elements)
-    valid: list[int] = []
-    records: list[list[Any]] = []
-    start = chunk.start_index
-    duplicates = {int(position): first for position, first in chunk.duplicates.items()}
-    for position, element in enumerate(elements):
-        values, errors, _ = contract.read(element)
-        first = duplicates.get(position)
-        if first is not None and not any(error.get("field") == contract.key for error in errors):
-            message = f"Duplicate {contract.key} in batch (first at index {first})"
-            errors = contract.ordered([*errors, {"field": contract.key, "message": message}])
-        if errors:
-            entries[position] = results.failed(start + position, errors)
-        else:
-            assert values is not None
-            valid.append(position)
-            records.append(values)
+    records, errors = contract.read_chunk(elements, escapes=escapes)
+    if chunk.duplicates:
+        duplicates = {int(position): first for position, first in chunk.duplicates.items()}
+        for position, first in duplicates.items():
+            found = errors.get(position, [])
+            if not any(error.get("field") == contract.key for error in found):
+                message = f"Duplicate {contract.key} in batch (first at index {first})"
+                errors[position] = contract.ordered([*found, {"field": contract.key, "message": message}])
+        records = records.without(set(duplicates))
     ids = store_records(
         connection,
         contract,
@@ -238,16 +231,21 @@ def _validate_and_store(
         records=records,
         escapes=escapes,
     )
-    at = contract.key_position
+    start = chunk.start_index
+    entries: list[str] = [""] * len(elements)
+    for position, item_errors in errors.items():
+        entries[position] = results.failed(start + position, item_errors)
     exists = [{"field": contract.key, "message": f"{contract.key.capitalize()} already exists"}]
-    created = 0
-    for position, values, new_id in zip(valid, records, ids, strict=True):
-        if new_id is None:
-            entries[position] = results.failed(start + position, exists)
-        else:
-            entries[position] = results.created(start + position, values[at], new_id, plain=not escapes)
-            created += 1
-    return created, entries
+    positions, keys = records.positions, records.keys(contract.key_position)
+    made: list[str] = [new_id for new_id in ids if new_id is not None]
+    if len(made) < len(ids):
+        for k in compress(range(len(ids)), map(operator.is_, ids, repeat(None))):
+            entries[positions[k]] = results.failed(start + positions[k], exists)
+        positions, keys = list(compress(positions, ids)), list(compress(keys, ids))
+    created = results.created(map(operator.add, positions, repeat(start)), keys, made, plain=not escapes)
+    for position, entry in zip(positions, created, strict=True):
+        entries[position] = entry
+    return len(positions), entries
 
 
 def _end_chunk(connection: Connection, chunk: LockedChunk, status: str, created: int, packed: bytes) -> None:

@@ -18,12 +18,15 @@ import orjson
 
 from worker.models import ItemStatus
 
+# An entry of a created item; its code and id are put in place as JSON strings.
+_CREATED = '{"index":%d,"status":"' + ItemStatus.CREATED + '","code":%s,"customerId":"%s"}'
 
-def created(index: int, code: str, customer_id: str, *, plain: bool) -> str:
-    """The entry of an item whose record was created. ``plain`` says that ``code`` holds nothing JSON
-    escapes (no quote, backslash or control character), as in a chunk whose JSON held no escape."""
-    text = f'"{code}"' if plain else orjson.dumps(code).decode()
-    return f'{{"index":{index},"status":"{ItemStatus.CREATED}","code":{text},"customerId":"{customer_id}"}}'
+
+def created(indexes: Iterable[int], codes: Iterable[str], ids: Iterable[str], *, plain: bool) -> list[str]:
+    """The entries of items whose records were created. ``plain`` says that no code holds anything JSON
+    escapes (a quote, backslash or control character), as in a chunk whose JSON held no escape."""
+    texts = map('"%s"'.__mod__, codes) if plain else map(bytes.decode, map(orjson.dumps, codes))
+    return list(map(_CREATED.__mod__, zip(indexes, texts, ids, strict=True)))
 
 
 def failed(index: int, errors: Sequence[dict[str, str]], status: str = ItemStatus.FAILED) -> str:

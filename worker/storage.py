@@ -7,18 +7,18 @@ instead.
 
 from __future__ import annotations
 
-import operator
 import os
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from itertools import compress, repeat
 
 import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.dialects import sqlite
 
 from worker.contracts import Contract
+from worker.contracts.base import COPY_NULL, Records
 from worker.db import is_postgresql
 
 
@@ -34,15 +34,14 @@ def store_records(
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
     now: datetime,
-    records: Sequence[Sequence[Any]],
+    records: Records,
     escapes: bool,
 ) -> list[str | None]:
     """Insert the records whose key the tenant does not have yet; return, for each record in order, the id
     of the record made for it (a UUID's text), or None where the tenant already had its key.
 
-    A record is its values in ``Contract.value_names`` order as ``Contract.read`` returns them (decimals as
-    their exact text); no two of them share a key. ``escapes`` says whether the chunk's JSON text holds an
-    escape (a backslash): without one, no value holds a character that needs escaping.
+    No two records share a key. ``escapes`` says whether the chunk's JSON text holds an escape (a
+    backslash): without one, no value holds a character that needs escaping.
     """
     if not records:
         return []
@@ -51,8 +50,8 @@ def store_records(
     ids = new_ids(len(records))
     rows = [
         {"id": uuid.UUID(new_id), "tenant_id": tenant_id, "batch_id": batch_id, "created_at": now}
-        | dict(zip(contract.value_names, values, strict=True))
-        for new_id, values in zip(ids, records, strict=True)
+        | dict(zip(contract.value_names, records.values(k), strict=True))
+        for k, new_id in enumerate(ids)
     ]
     statement = (
         sqlite.insert(contract.table)
@@ -74,8 +73,7 @@ _TAKEN = (
 # only holds a line break in a chunk whose JSON holds an escape; those send the array.
 _KEYS_BY_LINE = "string_to_array(%s, E'\\n')"
 _KEYS_ARRAY = "CAST(%s AS text[])"
-# The text format of COPY: a value is written as it is unless it holds one of these, \N is null.
-_NULL = "\\N"
+# The text format of COPY: a value is written as it is unless it holds one of these.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -84,7 +82,7 @@ def _copy_new_records(
     contract: Contract,
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
-    records: Sequence[Sequence[Any]],
+    records: Records,
     escapes: bool,
 ) -> list[str | None]:
     """Find which keys the tenant already has, then write the other records with ONE COPY into their table.
@@ -96,60 +94,66 @@ def _copy_new_records(
     COPY fail (it waits for that chunk's transaction first); ``KeyRace`` then has the chunk processed again.
     The records' ids are made here, so nothing needs to come back from the server.
     """
-    at = contract.key_position
     table = contract.table.name
     raw = connection.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
-        keys = [values[at] for values in records]
+        keys = records.keys(contract.key_position)
         lookup = _TAKEN.format(keys=_KEYS_ARRAY if escapes else _KEYS_BY_LINE, key=contract.key, table=table)
         sent = keys if escapes else "\n".join(keys)
         taken = {found for (found,) in cursor.execute(lookup, (sent, tenant_id))}
-        ids: list[str | None] = list(new_ids(len(records)))
+        made = new_ids(len(records))
+        ids: list[str | None] = list(made)
+        texts, decimals = records.texts, records.decimals
         if taken:
-            ids = [None if key in taken else new_id for new_id, key in zip(ids, keys, strict=True)]
-        lead = (str(tenant_id), str(batch_id))
-        rows = [
-            (*lead, new_id, *values)
-            for new_id, values in zip(ids, records, strict=True)
-            if new_id is not None
-        ]
-        if not rows:
+            new = [key not in taken for key in keys]
+            ids = [new_id if is_new else None for new_id, is_new in zip(made, new, strict=True)]
+            made, keys = list(compress(made, new)), list(compress(keys, new))
+            texts, decimals = list(compress(texts, new)), list(compress(decimals, new))
+        if not made:
             return ids
+        fields = [repeat(f"{tenant_id}\t{batch_id}"), made, copy_fields(texts, escape=escapes)]
+        if contract.has_decimals:
+            fields.append(decimals)
+        # strict=False: the first field is the same text repeated.
+        lines = list(map("\t".join, zip(*fields, strict=False)))
         # Key order: concurrent chunks of one tenant take the unique index's entries in the same order, so
         # one waits for the other instead of both deadlocking.
-        rows.sort(key=operator.itemgetter(len(lead) + 1 + at))
+        order = sorted(range(len(lines)), key=keys.__getitem__)
+        lines = list(map(lines.__getitem__, order))
+        lines.append("")
         # created_at is left to the column's default: now(), the same for every record of the transaction.
         columns = ", ".join(["tenant_id", "batch_id", "id", *contract.value_names])
         try:
             with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                copy.write(copy_text(rows, escape=escapes))
+                copy.write("\n".join(lines))
         except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected) as exc:
             raise KeyRace from exc
     return ids
 
 
-def copy_text(rows: Sequence[Sequence[str | None]], *, escape: bool) -> str:
-    """Rows of text values (None for null) in the text format of COPY; ``escape`` says whether a value may
-    hold a character that format escapes (a backslash, tab, line feed or carriage return).
+def copy_fields(rows: Sequence[Sequence[str | None]], *, escape: bool) -> list[str]:
+    """Each row of text values (None for null) as its fields in the text format of COPY, a tab between
+    them; ``escape`` says whether a value may hold a character that format escapes (a backslash, tab, line
+    feed or carriage return).
 
     Such a character can only come from a JSON escape, so a chunk whose text holds no backslash has none,
     and its rows are joined as they are.
     """
     if escape:
-        return "".join(
-            "\t".join([_NULL if value is None else value.translate(_COPY_ESCAPES) for value in row]) + "\n"
-            for row in rows
-        )
-    try:
-        lines = list(map("\t".join, rows))  # type: ignore[arg-type]
-    except TypeError:
-        lines = [
-            "\t".join([_NULL if value is None else value for value in row]) if None in row else "\t".join(row)  # type: ignore[arg-type]
+        return [
+            "\t".join([COPY_NULL if value is None else value.translate(_COPY_ESCAPES) for value in row])
             for row in rows
         ]
-    lines.append("")
-    return "\n".join(lines)
+    try:
+        return list(map("\t".join, rows))  # type: ignore[arg-type]
+    except TypeError:
+        return [
+            "\t".join([COPY_NULL if value is None else value for value in row])
+            if None in row
+            else "\t".join(row)  # type: ignore[arg-type]
+            for row in rows
+        ]
 
 
 def new_ids(count: int) -> list[str]:
