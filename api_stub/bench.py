@@ -831,11 +831,7 @@ def recycle_wal(url: str, nbytes: int) -> int:
     the ceiling, which runs after checkpoints, for none.
     """
     with psycopg.connect(psycopg_dsn(url), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'"
-        ).fetchone()
-        assert row is not None
-        for _ in range(math.ceil(nbytes / row[0])):
+        for _ in range(math.ceil(nbytes / _setting(conn, "wal_segment_size"))):
             # A switch needs a record since the last one; a message is one that touches no table.
             conn.execute("SELECT pg_logical_emit_message(false, 'clientela-bench', '')")
             conn.execute("SELECT pg_switch_wal()")
@@ -846,6 +842,14 @@ def recycle_wal(url: str, nbytes: int) -> int:
         ).fetchone()
     assert found is not None
     return int(found[0])
+
+
+def _setting(conn: psycopg.Connection[Any], name: str) -> int:
+    """A numeric server setting, in its own unit (bytes for wal_segment_size, 8 KiB pages for
+    shared_buffers)."""
+    row = conn.execute("SELECT setting::bigint FROM pg_settings WHERE name = %s", (name,)).fetchone()
+    assert row is not None, f"the server has no setting {name}"
+    return int(row[0])
 
 
 def fill_shared_buffers(url: str) -> int:
@@ -859,9 +863,7 @@ def fill_shared_buffers(url: str) -> int:
     a small ring), then dropped: its buffers go back to the free list, their pages mapped.
     """
     with psycopg.connect(psycopg_dsn(url), autocommit=True) as conn:
-        row = conn.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'shared_buffers'").fetchone()
-        assert row is not None
-        pages = int(row[0])
+        pages = _setting(conn, "shared_buffers")
         table = f"bench_fill_{secrets.token_hex(6)}"
         conn.execute(f"CREATE UNLOGGED TABLE {table} (filler text)")
         try:

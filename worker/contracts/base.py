@@ -2,7 +2,7 @@
 
 A contract module declares its fields once (``Text``, ``Decimal``, ``Choice``); ``Contract`` builds the
 validator and the SQLAlchemy table from them, so the two can never disagree. The same table also gives a
-fast path for items that are plainly valid (see ``Contract.read``).
+fast path for items that are plainly valid (see ``Contract.plain_records``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class StoredDecimal(sa_types.TypeDecorator[PyDecimal]):
     def process_bind_param(self, value: PyDecimal | str | None, dialect: Dialect) -> Any:
         if value is None:
             return None
-        # Contract.read gives a decimal as its exact text.
+        # Contract.read_chunk gives a decimal as its exact text.
         number = PyDecimal(value) if isinstance(value, str) else value
         if dialect.name != "sqlite":
             return number
@@ -341,7 +341,8 @@ class Contract:
             )
             for kind, complete in (("Complete", True), ("Fast", False))
         )
-        # What read gives for a field the item leaves out: the model's None, or a decimal's JSON null text.
+        # What the fast path gives for a field the item leaves out: the model's None, or a decimal's JSON
+        # null text.
         self._absent = [_JSON_NULL if isinstance(spec, Decimal) else None for spec in self.value_order]
         # An array of items, each read for its key alone: msgspec skips the other keys without building them,
         # and a key that is not a plain value fails the whole read rather than be built.
@@ -380,7 +381,7 @@ class Contract:
 
     @property
     def value_names(self) -> list[str]:
-        """The fields in the order ``read`` gives their values: the table's order, the decimals last."""
+        """The fields in the order ``read_chunk`` gives their values: the table's order, the decimals last."""
         return [spec.name for spec in self.value_order]
 
     @property
@@ -389,7 +390,7 @@ class Contract:
 
     @property
     def key_position(self) -> int:
-        """Where the key is among the values ``read`` gives."""
+        """Where the key is among the values ``read_chunk`` gives."""
         return self._key_at
 
     def validate(self, item: Any) -> tuple[dict[str, Any] | None, ItemErrors]:
