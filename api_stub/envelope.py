@@ -40,12 +40,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    body = bytearray()
+    # The parts are joined once at the end: a bytearray grown part by part is copied again each time it
+    # outgrows its block, and copied once more into bytes.
+    parts: list[bytes] = []
+    size = 0
     async for part in request.stream():
-        body += part
-        if len(body) > limit:
+        parts.append(part)
+        size += len(part)
+        if size > limit:
             raise too_large
-    return bytes(body)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)
