@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException
 
 from api_stub.errors import UNEXPECTED, ApiError, JSONBody, error_response
 from api_stub.routes import router
+from worker.config import configure_logging
+from worker.tasks import keep_freed_memory, tune_garbage_collector
 
 log = logging.getLogger(__name__)
 
@@ -52,4 +54,14 @@ def create_app() -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _unexpected)
+    return app
+
+
+def served_app() -> FastAPI:
+    """The app as each process of `clientela serve` runs it: with its logging, and its memory and garbage
+    collector tuned for large bodies once the app is built."""
+    configure_logging()
+    app = create_app()
+    keep_freed_memory()
+    tune_garbage_collector()
     return app

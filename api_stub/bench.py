@@ -100,6 +100,7 @@ class BenchOptions:
     batches: int
     items: int
     processes: int
+    receiver_processes: int
     producers: int
     worker_nice: int
     seed: int
@@ -450,7 +451,12 @@ def deployment(
         "subscriptionKey"
     ]
     port = free_port()
-    receiver = ChildProcess("receiver", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, workdir)
+    receiver = ChildProcess(
+        "receiver",
+        ["serve", "--host", "127.0.0.1", "--port", str(port), "--processes", str(options.receiver_processes)],
+        env,
+        workdir,
+    )
     worker = ChildProcess(
         "worker",
         ["worker", "--concurrency", str(options.processes), "--nice", str(options.worker_nice)],
@@ -1041,13 +1047,14 @@ def plan(options: BenchOptions) -> tuple[list[PlannedBatch], list[PlannedBatch]]
     batches. Only codes the warm-up created are reused: it has ended before the timed batches are sent,
     whereas a code of another timed batch could be created after the item reusing it is processed.
 
-    One warm-up batch per producer, each of a chunk per worker process, sent at once: every worker process
-    and every connection the receiver opens for concurrent requests has started before the clock does
-    (the first chunk a process takes, and the first request on a new connection, pay for connecting and
-    for building statements and caches)."""
+    One warm-up batch per producer and receiver process, each of a chunk per worker process, sent at once:
+    every worker process, receiver process and connection the receiver opens for concurrent requests has
+    started before the clock does (the first chunk a process takes, and the first request on a new
+    connection, pay for connecting and for building statements and caches)."""
     rng = random.Random(options.seed)
     size = min(options.items, get_settings().chunk_size * options.processes)
-    warmups = [plan_batch(rng, f"WARM{n}", size, [], mixed=False) for n in range(options.producers)]
+    count = options.producers * options.receiver_processes
+    warmups = [plan_batch(rng, f"WARM{n}", size, [], mixed=False) for n in range(count)]
     existing = [code for warmup in warmups for code in warmup.codes if code is not None]
     timed = [
         plan_batch(rng, f"CLI-{number:04d}", options.items, existing, mixed=True)
@@ -1057,7 +1064,7 @@ def plan(options: BenchOptions) -> tuple[list[PlannedBatch], list[PlannedBatch]]
 
 
 def warm_up(deploy: Deployment, warmups: list[PlannedBatch]) -> None:
-    """POST the warm-up batches at once, one per producer, and wait until each has ended as expected."""
+    """POST the warm-up batches at once and wait until each has ended as expected."""
     run = Submissions.of(warmups)
     producers = run.producers(deploy, time.monotonic() + READY_SECONDS, len(warmups))
     for producer in producers:
@@ -1146,12 +1153,13 @@ def run(options: BenchOptions) -> int:
             deployment(svc, options, Path(tmp), say) as deploy,
         ):
             warming = f"{len(warmups)} batches of {warmups[0].total:,} items sent at once"
-            say(f"warm-up: {warming}, so that every worker process and receiver connection has started")
+            say(f"warm-up: {warming}, so that every process and receiver connection has started")
             warm_up(deploy, warmups)
             version, settings = server_facts(svc.dsn)
             out.print(
                 f"clientela bench: {options.batches} batches x {options.items:,} items; worker processes: "
                 f"{options.processes} (one host, nice {options.worker_nice}); "
+                f"receiver processes: {options.receiver_processes}; "
                 f"producers: {options.producers}; seed: {options.seed}\n"
                 f"machine: {os.cpu_count()} CPUs; PostgreSQL {version}\n"
                 f"services: {svc.description}\n"

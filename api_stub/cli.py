@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from typing import Annotated
 import orjson
 import typer
 
-from worker.config import get_settings
+from worker.config import configure_logging, get_settings
 
 cli = typer.Typer(
     help="clientela: customer master-data batch ingestion.",
@@ -29,11 +28,6 @@ cli.add_typer(tenant_cli, name="tenant")
 WORKER_NICE = 10
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def _settings_or_exit() -> None:
     try:
         get_settings()
@@ -46,7 +40,7 @@ def _settings_or_exit() -> None:
 def migrate() -> None:
     """Create or upgrade the schema (Alembic upgrade head); idempotent."""
     _settings_or_exit()
-    _configure_logging()
+    configure_logging()
     from worker.migrate import upgrade
 
     upgrade()
@@ -57,16 +51,35 @@ def migrate() -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Receiver processes sharing the port; more than one only outside embedded mode. The bodies "
+            "one process parses take turns at Python's lock; each process parses its own.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP receiver; in embedded mode also a worker and the reconciler, in-process."""
     _settings_or_exit()
-    _configure_logging()
+    configure_logging()
     import uvicorn
 
-    from api_stub.app import create_app
-    from worker.tasks import keep_freed_memory, tune_garbage_collector
-
     settings = get_settings()
+    if processes > 1:
+        if settings.embedded:
+            typer.echo(
+                "configuration error: embedded mode runs in one process; --processes above 1 needs "
+                "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL",
+                err=True,
+            )
+            raise typer.Exit(2)
+        # uvicorn starts each process afresh and has it build the app from this name.
+        uvicorn.run("api_stub.app:served_app", factory=True, host=host, port=port, workers=processes)
+        return
+
+    from api_stub.app import served_app
+
     runtime = None
     if settings.embedded:
         from api_stub.embedded import EmbeddedRuntime
@@ -81,11 +94,8 @@ def serve(
             f"Then a token:            curl -X POST http://{host}:{port}/v1/token "
             '-H "Ocp-Apim-Subscription-Key: KEY"'
         )
-    app = create_app()
-    keep_freed_memory()
-    tune_garbage_collector()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(served_app(), host=host, port=port, log_level="info")
     finally:
         if runtime is not None:
             runtime.stop()
@@ -177,6 +187,9 @@ def bench(
     batches: Annotated[int, typer.Option(min=1, help="Batches in the timed run.")] = 20,
     items: Annotated[int, typer.Option(min=1, max=10_000, help="Items per batch.")] = 10_000,
     processes: Annotated[int, typer.Option(min=1, help="Processes of the one worker host.")] = 2,
+    receiver_processes: Annotated[
+        int, typer.Option(min=1, help="Processes of the receiver (its serve --processes).")
+    ] = 1,
     producers: Annotated[int, typer.Option(min=1, help="Threads submitting batches at once.")] = 2,
     worker_nice: Annotated[int, typer.Option(min=0, max=19, help="The worker host's --nice.")] = WORKER_NICE,
     seed: Annotated[int, typer.Option(help="Seed of the generated customers: same seed, same batches.")] = 1,
@@ -192,7 +205,9 @@ def bench(
     _settings_or_exit()
     from api_stub.bench import BenchOptions, run
 
-    options = BenchOptions(batches, items, processes, producers, worker_nice, seed, json_line)
+    options = BenchOptions(
+        batches, items, processes, receiver_processes, producers, worker_nice, seed, json_line
+    )
     raise typer.Exit(run(options))
 
 

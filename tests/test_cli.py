@@ -1,14 +1,19 @@
-"""The `clientela` command line: idempotent migrations, tenant creation, required settings, priorities."""
+"""The `clientela` command line: idempotent migrations, tenant creation, required settings, priorities,
+several receiver processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import lz4.frame
 import orjson
 import psutil
@@ -17,7 +22,17 @@ from alembic import command
 from sqlalchemy.orm import Session
 
 from api_stub.local_services import clientela_command, free_port, tail
-from tests.services import ClientelaProcess, PostgresServer, Workers, run_cli
+from tests.conftest import Tenant
+from tests.helpers import (
+    created,
+    reference_example,
+    strip_ids,
+    submit,
+    unique_code,
+    wait_for_batch,
+    wait_until,
+)
+from tests.services import ClientelaProcess, PostgresServer, Server, Workers, clean_env, run_cli
 from worker import batches
 from worker.migrate import alembic_config
 
@@ -230,3 +245,78 @@ def test_beat_leaves_no_schedule_file_behind(beat: Callable[..., ClientelaProces
     assert any(path.is_file() for path in tmp_path.rglob("*")), "beat writes its schedule where TMPDIR says"
     scheduler.stop()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_runs_several_receiver_processes_on_one_port(
+    migrated: dict[str, str], tenant: Tenant, session_dir: Path
+) -> None:
+    """`clientela serve --processes 2` answers on one port from two processes; one that dies is replaced,
+    and the port goes on answering meanwhile."""
+    port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"]
+    server = Server(ClientelaProcess("serve-processes", args, migrated, session_dir / "logs"), port)
+    server.start()
+    try:
+        assert server.process.proc is not None
+        supervisor = psutil.Process(server.process.proc.pid)
+        receivers = wait_until(lambda: _receivers(supervisor, 2), 60, "two receiver processes")
+        client = httpx.Client(base_url=server.base_url, headers=dict(tenant.client.headers), timeout=120)
+        codes = [[unique_code("RP") for _ in range(300)] for _ in range(4)]
+        with ThreadPoolExecutor(len(codes)) as pool:
+            ids = list(pool.map(lambda batch: submit(client, [_item(code) for code in batch]), codes))
+        for batch_id, batch in zip(ids, codes, strict=True):
+            body = wait_for_batch(client, batch_id)
+            assert (body["status"], body["created"]) == ("COMPLETED", len(batch))
+            assert strip_ids(body["results"]) == [created(i, code) for i, code in enumerate(batch)]
+
+        # A connection kept open to the killed process dies with it; new ones go to the other.
+        client.close()
+        os.kill(receivers[0], signal.SIGKILL)
+        client = httpx.Client(base_url=server.base_url, headers=dict(tenant.client.headers), timeout=120)
+        assert client.get("/healthz").status_code == 200
+        replaced = wait_until(
+            lambda: [pid for pid in _receivers(supervisor, 2) if pid not in receivers], 60, "a replacement"
+        )
+        assert _receivers(supervisor, 2) == sorted([receivers[1], *replaced])
+        code = unique_code("RP")
+        body = wait_for_batch(client, submit(client, [_item(code)]))
+        assert strip_ids(body["results"]) == [created(0, code)]
+        client.close()
+    finally:
+        server.stop()
+    assert not supervisor.is_running() or supervisor.status() == psutil.STATUS_ZOMBIE
+
+
+def _receivers(supervisor: psutil.Process, count: int) -> list[int]:
+    """The pids of the supervisor's receiver processes once they are ``count`` and each listens (else
+    none)."""
+    found = [
+        child.pid
+        for child in supervisor.children()
+        if any(c.status == psutil.CONN_LISTEN for c in child.net_connections(kind="tcp"))
+    ]
+    return sorted(found) if len(found) == count else []
+
+
+def _item(code: str) -> dict[str, object]:
+    """The reference example's one customer, with another code."""
+    [item] = json.loads(reference_example(code))
+    return dict(item)
+
+
+def test_embedded_mode_refuses_several_receiver_processes(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [clientela_command(), "serve", "--port", str(free_port()), "--processes", "2"],
+        env=clean_env(),
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "configuration error: embedded mode runs in one process; --processes above 1 needs "
+        "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"
+    )
+    assert not list(tmp_path.iterdir()), "nothing is created before the refusal"
