@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import orjson
 import typer
@@ -32,8 +32,12 @@ def _settings_or_exit() -> None:
     try:
         get_settings()
     except ValueError as exc:
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _configuration_error(str(exc))
+
+
+def _configuration_error(message: str) -> NoReturn:
+    typer.echo(f"configuration error: {message}", err=True)
+    raise typer.Exit(2) from None
 
 
 @cli.command()
@@ -68,14 +72,14 @@ def serve(
     settings = get_settings()
     if processes > 1:
         if settings.embedded:
-            typer.echo(
-                "configuration error: embedded mode runs in one process; --processes above 1 needs "
-                "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL",
-                err=True,
+            _configuration_error(
+                "embedded mode runs in one process; --processes above 1 needs "
+                "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"
             )
-            raise typer.Exit(2)
         # uvicorn starts each process afresh and has it build the app from this name.
-        uvicorn.run("api_stub.app:served_app", factory=True, host=host, port=port, workers=processes)
+        uvicorn.run(
+            "api_stub.app:served_app", factory=True, host=host, port=port, workers=processes, log_level="info"
+        )
         return
 
     from api_stub.app import served_app

@@ -260,7 +260,7 @@ def test_serve_runs_several_receiver_processes_on_one_port(
         assert server.process.proc is not None
         supervisor = psutil.Process(server.process.proc.pid)
         receivers = wait_until(lambda: _receivers(supervisor, 2), 60, "two receiver processes")
-        client = httpx.Client(base_url=server.base_url, headers=dict(tenant.client.headers), timeout=120)
+        client = _client(server, tenant)
         codes = [[unique_code("RP") for _ in range(300)] for _ in range(4)]
         with ThreadPoolExecutor(len(codes)) as pool:
             ids = list(pool.map(lambda batch: submit(client, [_item(code) for code in batch]), codes))
@@ -272,7 +272,7 @@ def test_serve_runs_several_receiver_processes_on_one_port(
         # A connection kept open to the killed process dies with it; new ones go to the other.
         client.close()
         os.kill(receivers[0], signal.SIGKILL)
-        client = httpx.Client(base_url=server.base_url, headers=dict(tenant.client.headers), timeout=120)
+        client = _client(server, tenant)
         assert client.get("/healthz").status_code == 200
         replaced = wait_until(
             lambda: [pid for pid in _receivers(supervisor, 2) if pid not in receivers], 60, "a replacement"
@@ -285,6 +285,11 @@ def test_serve_runs_several_receiver_processes_on_one_port(
     finally:
         server.stop()
     assert not supervisor.is_running() or supervisor.status() == psutil.STATUS_ZOMBIE
+
+
+def _client(server: Server, tenant: Tenant) -> httpx.Client:
+    """A new connection to ``server``, authenticated as ``tenant``."""
+    return httpx.Client(base_url=server.base_url, headers=dict(tenant.client.headers), timeout=120)
 
 
 def _receivers(supervisor: psutil.Process, count: int) -> list[int]:
