@@ -757,7 +757,7 @@ def status_latencies(client: httpx.Client, batch: PlannedBatch) -> list[float]:
 
 @dataclass
 class Ceiling:
-    """The COPY ceiling's passes: the rows each pass wrote, and the seconds each pass took, per format."""
+    """The COPY ceiling's passes: the rows every pass writes, and the seconds each pass took, per format."""
 
     rows: int
     # Seconds of each pass, by COPY format: the binary passes are the ceiling the target is set against.
@@ -1019,10 +1019,10 @@ class Figures:
         )
 
         def ceiling(form: str) -> str:
-            passes = ", ".join(f"{rate:,.0f}" for rate in self.copy_passes(form))
+            passes = self.copy_passes(form)
             return (
-                f"{self.copy_rows_per_second(form):,.0f} rows/s, median of {len(self.copy_passes(form))} "
-                f"passes of {self.ceiling.rows:,} rows ({passes})"
+                f"{statistics.median(passes):,.0f} rows/s, median of {len(passes)} passes of "
+                f"{self.ceiling.rows:,} rows ({', '.join(f'{rate:,.0f}' for rate in passes)})"
             )
 
         table.add_row("COPY ceiling (same rows, binary)", ceiling("binary"), "", "")
