@@ -105,6 +105,7 @@ class BenchOptions:
     worker_nice: int
     seed: int
     json_line: bool
+    statements: bool = False
 
 
 # ----- generated customers
@@ -331,23 +332,32 @@ class Services:
 
 
 @contextlib.contextmanager
-def services(workdir: Path, say: Callable[[str], None], wal_bytes: int) -> Iterator[Services]:
+def services(
+    workdir: Path, say: Callable[[str], None], wal_bytes: int, *, statements: bool = False
+) -> Iterator[Services]:
+    """The services of the run; with ``statements``, a PostgreSQL that counts its time by statement."""
     settings = get_settings()
     if not settings.embedded:
         database = make_url(settings.sqlalchemy_url)
         if database.get_backend_name() != "postgresql":
             raise BenchError("the bench needs PostgreSQL: CLIENTELA_DATABASE_URL names another database")
         broker = make_url(settings.celery_broker_url)
-        yield Services(
+        given = Services(
             settings.sqlalchemy_url,
             settings.celery_broker_url,
             settings.signing_key(),
             f"given: PostgreSQL {database.host}:{database.port}/{database.database}, "
             f"Redis {broker.host}:{broker.port}/{broker.database}",
         )
+        if statements:
+            check_statement_counts(given.dsn, f"{database.host}:{database.port}/{database.database}")
+        yield given
         return
     say("starting private PostgreSQL and Redis")
-    postgres = PostgresServer(workdir / "postgres", settings=BULK_LOAD_SETTINGS)
+    server_settings = dict(BULK_LOAD_SETTINGS)
+    if statements:
+        server_settings["shared_preload_libraries"] = STATEMENT_LIBRARY
+    postgres = PostgresServer(workdir / "postgres", settings=server_settings)
     redis = RedisServer(workdir / "redis")
     try:
         try:
@@ -360,6 +370,8 @@ def services(workdir: Path, say: Callable[[str], None], wal_bytes: int) -> Itera
         say(f"{files} WAL files made ready ahead of the server's WAL, as a server in service has them")
         buffers = fill_shared_buffers(postgres.url("clientela"))
         say(f"{buffers} shared buffers used once, as a server in service has them")
+        if statements:
+            check_statement_counts(psycopg_dsn(postgres.url("clientela")), "the private PostgreSQL")
         yield Services(
             postgres.url("clientela"),
             redis.url,
@@ -810,6 +822,81 @@ def copy_ceiling(dsn: str, tenant: str, planned: list[PlannedBatch]) -> Ceiling:
     return Ceiling(rows.pop(), seconds)
 
 
+STATEMENT_LIBRARY = "pg_stat_statements"
+# The statements the table shows, those that took the most time first; the JSON line has them all.
+STATEMENTS_SHOWN = 8
+STATEMENT_TEXT = 56
+_STATEMENT_COUNTS = (
+    "SELECT userid, queryid, query, calls, rows, total_exec_time FROM pg_stat_statements "
+    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A statement as pg_stat_statements counts it over the timed run: its text with the values as $n, and
+    the time the server spent in it, on CPU or waiting (for a lock, the disk, or the rows of a COPY)."""
+
+    query: str
+    calls: int
+    rows: int
+    milliseconds: float
+
+    @property
+    def ms_per_call(self) -> float:
+        return self.milliseconds / self.calls
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "calls": self.calls,
+            "rows": self.rows,
+            "ms": round(self.milliseconds, 1),
+            "ms_per_call": round(self.ms_per_call, 3),
+        }
+
+
+# Each statement's text, calls, rows and milliseconds, by its user and query id.
+StatementCounts = dict[tuple[int, int], tuple[str, int, int, float]]
+
+
+def check_statement_counts(dsn: str, where: str) -> None:
+    """Refuse a server that does not load pg_stat_statements; create its view where it is missing.
+
+    The counts are read before and after the timed run, never reset, so that a given server keeps its
+    other users' statistics.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SHOW shared_preload_libraries").fetchone()
+        loaded = {name.strip() for name in str(row[0] if row else "").split(",")}
+        if STATEMENT_LIBRARY not in loaded:
+            raise BenchError(f"--statements needs {STATEMENT_LIBRARY} in shared_preload_libraries of {where}")
+        conn.execute(f"CREATE EXTENSION IF NOT EXISTS {STATEMENT_LIBRARY}")
+
+
+def statement_counts(dsn: str) -> StatementCounts:
+    """What pg_stat_statements has counted so far in the bench's database."""
+    with psycopg.connect(dsn) as conn:
+        return {
+            (user, query_id): (text, calls, rows, ms)
+            for user, query_id, text, calls, rows, ms in conn.execute(_STATEMENT_COUNTS)
+            # The bench's own reads of the view.
+            if STATEMENT_LIBRARY not in text
+        }
+
+
+def statements_since(before: StatementCounts, after: StatementCounts) -> list[Statement]:
+    """The statements run between two counts, those that took the most time first."""
+    run = []
+    for key, (text, calls, rows, ms) in after.items():
+        _, calls_before, rows_before, ms_before = before.get(key, ("", 0, 0, 0.0))
+        if calls > calls_before:
+            run.append(
+                Statement(" ".join(text.split()), calls - calls_before, rows - rows_before, ms - ms_before)
+            )
+    return sorted(run, key=lambda statement: statement.milliseconds, reverse=True)
+
+
 def _copy_pass(
     conn: psycopg.Connection[Any], table: str, columns: str, form: str, data: list[bytes]
 ) -> tuple[int, float]:
@@ -935,6 +1022,8 @@ class Figures:
     # CPU seconds each group of processes used over the timed run, and the share of the machine's CPUs busy.
     cpu_seconds: dict[str, float]
     cpu_busy: float
+    # With --statements: the server's time by statement over the timed run.
+    statements: list[Statement] | None = None
 
     @property
     def items(self) -> int:
@@ -997,7 +1086,7 @@ class Figures:
             },
             "cpu_busy": round(self.cpu_busy, 3),
             "met": self.met(),
-        }
+        } | ({} if self.statements is None else {"statements": [s.as_json() for s in self.statements]})
 
     def table(self) -> Table:
         met = self.met()
@@ -1062,6 +1151,33 @@ class Figures:
         table.add_row("CPUs busy over the run", f"{self.cpu_busy:.0%} of {os.cpu_count()}", "", "")
         return table
 
+    def statement_table(self) -> Table | None:
+        if self.statements is None:
+            return None
+        total = sum(statement.milliseconds for statement in self.statements)
+        table = Table(title="PostgreSQL's time by statement over the timed run (pg_stat_statements)")
+        for column in ("statement", "calls", "rows", "ms", "ms per call", "share"):
+            table.add_column(column, justify="left" if column == "statement" else "right")
+        for statement in self.statements[:STATEMENTS_SHOWN]:
+            text = statement.query
+            table.add_row(
+                text if len(text) <= STATEMENT_TEXT else text[: STATEMENT_TEXT - 1] + "…",
+                f"{statement.calls:,}",
+                f"{statement.rows:,}",
+                f"{statement.milliseconds:,.1f}",
+                f"{statement.ms_per_call:.3f}",
+                f"{statement.milliseconds / total:.1%}" if total else "",
+            )
+        table.add_row(
+            f"all {len(self.statements)} statements",
+            f"{sum(s.calls for s in self.statements):,}",
+            "",
+            f"{total:,.1f}",
+            "",
+            "",
+        )
+        return table
+
 
 # ----- the run
 
@@ -1118,6 +1234,7 @@ def measure(
         alone={"bench client": os.getpid()},
     )
     producers = run.producers(deploy, time.monotonic() + END_DEADLINE_SECONDS, options.producers)
+    counted = statement_counts(svc.dsn) if options.statements else None
     with deploy.client() as client:
         sampler.start()
         meter.start()
@@ -1128,6 +1245,7 @@ def measure(
         finally:
             sampler.stop()
         meter.stop()
+        statements = None if counted is None else statements_since(counted, statement_counts(svc.dsn))
         say("every batch has ended; verifying every result, then the status latency and the COPY ceiling")
         # completedAt is the workers' clock: fall back on the poll's when the two plainly disagree.
         end = completed_at if run.first_post < completed_at <= seen + 1 else seen
@@ -1148,6 +1266,7 @@ def measure(
         worker_peak_rss=sampler.peak,
         cpu_seconds=meter.seconds,
         cpu_busy=sampler.busy_until(end),
+        statements=statements,
     )
 
 
@@ -1172,7 +1291,9 @@ def run(options: BenchOptions) -> int:
         warmups, timed = plan(options)
         with (
             tempfile.TemporaryDirectory(prefix="clientela-bench-") as tmp,
-            services(Path(tmp), say, WAL_PER_ITEM * options.batches * options.items) as svc,
+            services(
+                Path(tmp), say, WAL_PER_ITEM * options.batches * options.items, statements=options.statements
+            ) as svc,
             deployment(svc, options, Path(tmp), say) as deploy,
         ):
             warming = f"{len(warmups)} batches of {warmups[0].total:,} items sent at once"
@@ -1194,6 +1315,9 @@ def run(options: BenchOptions) -> int:
             say("timed run: submitting, waiting for every batch to complete, verifying every result")
             figures = measure(deploy, svc, options, timed, say)
         out.print(figures.table())
+        statement_table = figures.statement_table()
+        if statement_table is not None:
+            out.print(statement_table)
         out.print(
             f"every result of the {figures.items:,} items verified against the generated expectations",
             markup=False,

@@ -200,6 +200,14 @@ def bench(
     json_line: Annotated[
         bool, typer.Option("--json", help="Also print every figure as one JSON line.")
     ] = False,
+    statements: Annotated[
+        bool,
+        typer.Option(
+            "--statements",
+            help="Also print PostgreSQL's time by statement (pg_stat_statements: the private server loads "
+            "it; a given one must have it in shared_preload_libraries).",
+        ),
+    ] = False,
 ) -> None:
     """Measure a deployment end to end and print the figures next to their targets.
 
@@ -210,7 +218,7 @@ def bench(
     from api_stub.bench import BenchOptions, run
 
     options = BenchOptions(
-        batches, items, processes, receiver_processes, producers, worker_nice, seed, json_line
+        batches, items, processes, receiver_processes, producers, worker_nice, seed, json_line, statements
     )
     raise typer.Exit(run(options))
 

@@ -64,8 +64,9 @@ def processes_marked(marker: str) -> list[str]:
     return found
 
 
-def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]]:
-    """Run the bench to its end; return its standard output and its JSON figures."""
+def bench_ended(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the bench until it exits; return its exit code, standard output and standard error, once every
+    process it started has ended too."""
     marker = uuid.uuid4().hex
     proc = subprocess.Popen(
         [clientela_command(), "bench", *args, "--json"],
@@ -82,12 +83,17 @@ def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]
         proc.terminate()
         stdout, stderr = proc.communicate(timeout=90)
         pytest.fail(f"the bench did not end in 240 s:\n{stdout}\n{stderr}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
-
     deadline = time.monotonic() + 10
     while (left := processes_marked(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [], f"processes the bench started are still running: {left}"
+    return proc.returncode, stdout, stderr
+
+
+def run_bench(args: list[str], env: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Run the bench to its end; return its standard output and its JSON figures."""
+    code, stdout, stderr = bench_ended(args, env)
+    assert code == 0, f"exit {code}\n{stdout}\n{stderr}"
 
     # One warm-up batch per producer, of a chunk per worker process.
     assert re.search(r"warm-up: 2 batches of [\d,]+ items sent at once, completed before timing", stdout)
@@ -182,6 +188,25 @@ def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_serve
     # A server the bench did not start is not its to measure.
     assert "postgresql" not in figures["cpu_us_per_item"]
     check_figures(figures, batches=3, items=2000)
+    assert "statements" not in figures
+    assert "time by statement" not in stdout
+
+
+def test_bench_statements_refused_by_a_server_that_does_not_count_them(
+    postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    env = clean_env(
+        CLIENTELA_DATABASE_URL=postgres.url("postgres"),
+        CLIENTELA_BROKER_URL=redis_server.url.removesuffix("/0") + "/3",
+        CLIENTELA_SECRET_KEY=SECRET_KEY,
+    )
+    code, stdout, stderr = bench_ended(["--batches", "1", "--items", "100", "--statements"], env)
+    assert code == 1, f"exit {code}\n{stdout}\n{stderr}"
+    assert (
+        "bench failed: --statements needs pg_stat_statements in shared_preload_libraries of 127.0.0.1:"
+        in stderr
+    ), stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.slow
@@ -192,8 +217,18 @@ def test_bench_starts_and_stops_its_own_services() -> None:
         unavailable(str(exc))
     if shutil.which("redis-server") is None:
         unavailable("redis-server not found")
-    stdout, figures = run_bench(["--batches", "1", "--items", "500", "--processes", "1"], clean_env())
+    stdout, figures = run_bench(
+        ["--batches", "1", "--items", "500", "--processes", "1", "--statements"], clean_env()
+    )
     assert "fsync=on synchronous_commit=on" in stdout
+    # The server's own account of the run: every created record went through the one COPY per chunk.
+    assert "PostgreSQL's time by statement over the timed run (pg_stat_statements)" in stdout
+    copies = [s for s in figures["statements"] if s["query"].startswith("COPY customers ")]
+    assert len(copies) == 1, figures["statements"]
+    assert copies[0]["rows"] == figures["created"]
+    assert copies[0]["calls"] == 1
+    assert all(s["ms"] >= 0 and s["calls"] > 0 for s in figures["statements"])
+    assert not any("pg_stat_statements" in s["query"] for s in figures["statements"])
     assert figures["cpu_us_per_item"]["postgresql"] > 0
     check_figures(figures, batches=1, items=500)
     # Redis overwrites its environment with its process title, so its port tells whether it still runs.
