@@ -227,7 +227,6 @@ def test_bench_starts_and_stops_its_own_services() -> None:
     assert len(copies) == 1, figures["statements"]
     assert copies[0]["rows"] == figures["created"]
     assert copies[0]["calls"] == 1
-    assert all(s["ms"] >= 0 and s["calls"] > 0 for s in figures["statements"])
     assert not any("pg_stat_statements" in s["query"] for s in figures["statements"])
     assert figures["cpu_us_per_item"]["postgresql"] > 0
     check_figures(figures, batches=1, items=500)
