@@ -370,9 +370,7 @@ def services(
         say(f"{files} WAL files made ready ahead of the server's WAL, as a server in service has them")
         buffers = fill_shared_buffers(postgres.url("clientela"))
         say(f"{buffers} shared buffers used once, as a server in service has them")
-        if statements:
-            check_statement_counts(psycopg_dsn(postgres.url("clientela")), "the private PostgreSQL")
-        yield Services(
+        private = Services(
             postgres.url("clientela"),
             redis.url,
             secrets.token_urlsafe(48),
@@ -384,6 +382,9 @@ def services(
                 if server.proc
             },
         )
+        if statements:
+            check_statement_counts(private.dsn, "the private PostgreSQL")
+        yield private
     finally:
         redis.stop()
         postgres.stop()
@@ -1110,7 +1111,7 @@ class Figures:
         def ceiling(form: str) -> str:
             passes = self.copy_passes(form)
             return (
-                f"{statistics.median(passes):,.0f} rows/s, median of {len(passes)} passes of "
+                f"{self.copy_rows_per_second(form):,.0f} rows/s, median of {len(passes)} passes of "
                 f"{self.ceiling.rows:,} rows ({', '.join(f'{rate:,.0f}' for rate in passes)})"
             )
 

@@ -174,15 +174,20 @@ def test_bench_has_every_shared_buffer_of_its_server_used_once(session_dir: Path
     assert grown <= buffers * 2
 
 
-def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_server: RedisServer) -> None:
-    database = f"bench_{uuid.uuid4().hex[:8]}"
-    postgres.create_database(database)
-    env = clean_env(
+def given_services(postgres: PostgresServer, redis_server: RedisServer, database: str) -> dict[str, str]:
+    """The environment that points the bench at the suite's servers."""
+    return clean_env(
         CLIENTELA_DATABASE_URL=postgres.url(database),
         # Another Redis database, so that the session's own workers do not take the bench's messages.
         CLIENTELA_BROKER_URL=redis_server.url.removesuffix("/0") + "/3",
         CLIENTELA_SECRET_KEY=SECRET_KEY,
     )
+
+
+def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_server: RedisServer) -> None:
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(database)
+    env = given_services(postgres, redis_server, database)
     stdout, figures = run_bench(["--batches", "3", "--items", "2000", "--processes", "1"], env)
     assert "services: given: PostgreSQL 127.0.0.1" in stdout
     # A server the bench did not start is not its to measure.
@@ -195,11 +200,7 @@ def test_bench_on_given_postgres_and_redis(postgres: PostgresServer, redis_serve
 def test_bench_statements_refused_by_a_server_that_does_not_count_them(
     postgres: PostgresServer, redis_server: RedisServer
 ) -> None:
-    env = clean_env(
-        CLIENTELA_DATABASE_URL=postgres.url("postgres"),
-        CLIENTELA_BROKER_URL=redis_server.url.removesuffix("/0") + "/3",
-        CLIENTELA_SECRET_KEY=SECRET_KEY,
-    )
+    env = given_services(postgres, redis_server, "postgres")
     code, stdout, stderr = bench_ended(["--batches", "1", "--items", "100", "--statements"], env)
     assert code == 1, f"exit {code}\n{stdout}\n{stderr}"
     assert (
