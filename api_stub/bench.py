@@ -826,6 +826,7 @@ def copy_ceiling(dsn: str, tenant: str, planned: list[PlannedBatch]) -> Ceiling:
 STATEMENT_LIBRARY = "pg_stat_statements"
 # The statements the table shows, those that took the most time first; the JSON line has them all.
 STATEMENTS_SHOWN = 8
+# Characters of a statement's text in the table, so that it fits the 120 columns printed off a terminal.
 STATEMENT_TEXT = 56
 _STATEMENT_COUNTS = (
     "SELECT userid, queryid, query, calls, rows, total_exec_time FROM pg_stat_statements "
@@ -1171,7 +1172,7 @@ class Figures:
             )
         table.add_row(
             f"all {len(self.statements)} statements",
-            f"{sum(s.calls for s in self.statements):,}",
+            f"{sum(statement.calls for statement in self.statements):,}",
             "",
             f"{total:,.1f}",
             "",
