@@ -35,6 +35,7 @@ import psutil
 import psycopg
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from api_stub.local_services import (
@@ -342,15 +343,15 @@ def services(
         if database.get_backend_name() != "postgresql":
             raise BenchError("the bench needs PostgreSQL: CLIENTELA_DATABASE_URL names another database")
         broker = make_url(settings.celery_broker_url)
+        server = f"{database.host}:{database.port}/{database.database}"
         given = Services(
             settings.sqlalchemy_url,
             settings.celery_broker_url,
             settings.signing_key(),
-            f"given: PostgreSQL {database.host}:{database.port}/{database.database}, "
-            f"Redis {broker.host}:{broker.port}/{broker.database}",
+            f"given: PostgreSQL {server}, Redis {broker.host}:{broker.port}/{broker.database}",
         )
         if statements:
-            check_statement_counts(given.dsn, f"{database.host}:{database.port}/{database.database}")
+            check_statement_counts(given.dsn, server)
         yield given
         return
     say("starting private PostgreSQL and Redis")
@@ -826,8 +827,9 @@ def copy_ceiling(dsn: str, tenant: str, planned: list[PlannedBatch]) -> Ceiling:
 STATEMENT_LIBRARY = "pg_stat_statements"
 # The statements the table shows, those that took the most time first; the JSON line has them all.
 STATEMENTS_SHOWN = 8
-# Characters of a statement's text in the table, so that it fits the 120 columns printed off a terminal.
-STATEMENT_TEXT = 56
+# The statement column's width, so that the table fits the 120 columns printed off a terminal; rich cuts
+# a longer text with an ellipsis.
+STATEMENT_WIDTH = 56
 _STATEMENT_COUNTS = (
     "SELECT userid, queryid, query, calls, rows, total_exec_time FROM pg_stat_statements "
     "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -1158,12 +1160,13 @@ class Figures:
             return None
         total = sum(statement.milliseconds for statement in self.statements)
         table = Table(title="PostgreSQL's time by statement over the timed run (pg_stat_statements)")
-        for column in ("statement", "calls", "rows", "ms", "ms per call", "share"):
-            table.add_column(column, justify="left" if column == "statement" else "right")
+        table.add_column("statement", no_wrap=True, max_width=STATEMENT_WIDTH)
+        for column in ("calls", "rows", "ms", "ms per call", "share"):
+            table.add_column(column, justify="right")
         for statement in self.statements[:STATEMENTS_SHOWN]:
-            text = statement.query
             table.add_row(
-                text if len(text) <= STATEMENT_TEXT else text[: STATEMENT_TEXT - 1] + "…",
+                # Text, not markup: SQL such as ARRAY[tenant_id] would read as a style tag.
+                Text(statement.query),
                 f"{statement.calls:,}",
                 f"{statement.rows:,}",
                 f"{statement.milliseconds:,.1f}",
