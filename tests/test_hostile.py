@@ -432,6 +432,8 @@ def test_a_chunk_read_at_once_gives_each_item_what_it_gets_alone(
         (Decimal("1." + "0" * 30 + "1"), "Field exceeds maximum of 2 decimal places"),
         (Decimal("1." + "0" * 4999 + "1"), "Field exceeds maximum of 2 decimal places"),
         (Decimal("9" * 4000), "Field exceeds maximum of 16 integer digits"),
+        (Decimal("9999999999999999.995"), "Field exceeds maximum of 2 decimal places"),
+        (Decimal("-9999999999999999.9951"), "Field exceeds maximum of 2 decimal places"),
         ("0." + "0" * 100 + "1", "Field exceeds maximum of 2 decimal places"),
         (Decimal("sNaN"), "Field must be a valid decimal number"),
         ("sNaN", "Field must be a valid decimal number"),

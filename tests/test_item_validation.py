@@ -87,6 +87,10 @@ def case_table(prefix: str) -> list[tuple[Any, list[dict[str, str]] | None]]:
         (ok(quota=1.234), [err("quota", dec_places(2))]),
         (ok(quota="0.001"), [err("quota", dec_places(2))]),
         (ok(term=30.5), [err("term", dec_places(0))]),
+        # Rounding these to the scale would carry into a digit the column does not have.
+        (ok(term=999.5), [err("term", dec_places(0))]),
+        (ok(quota="9999999999999999.995"), [err("quota", dec_places(2))]),
+        (ok(discount=-99999999.999), [err("discount", dec_places(2))]),
         (ok(block_sales="X"), [err("block_sales", YN)]),
         (ok(iva_exempt="Yes"), [err("iva_exempt", YN)]),
         (ok(state="y"), [err("state", YN)]),

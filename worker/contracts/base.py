@@ -162,7 +162,9 @@ class Decimal:
     def __post_init__(self) -> None:
         # Built once per field: this check runs for every decimal of every item.
         object.__setattr__(self, "_quantum", PyDecimal(1).scaleb(-self.scale))
-        object.__setattr__(self, "_column", Context(prec=self.precision, Emax=MAX_EMAX, Emin=MIN_EMIN))
+        # One digit more than the column holds: rounding to the scale can carry into a new digit (999.5 in
+        # decimal(3, 0) rounds to 1000), and that must read as a value that does not fit, not raise.
+        object.__setattr__(self, "_column", Context(prec=self.precision + 1, Emax=MAX_EMAX, Emin=MIN_EMIN))
         integer_digits = self.precision - self.scale
         object.__setattr__(self, "_int_limit", 10**integer_digits)
         # The everyday decimal (`50000000.0`, `12.5`, `-3`, as a JSON number or a string) in a form that
