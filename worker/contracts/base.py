@@ -152,7 +152,7 @@ class Decimal:
     precision: int
     scale: int
     _quantum: PyDecimal = field(init=False, repr=False, compare=False)
-    _column: Context = field(init=False, repr=False, compare=False)
+    _rounding: Context = field(init=False, repr=False, compare=False)
     _int_limit: int = field(init=False, repr=False, compare=False)
     _fits: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -164,7 +164,7 @@ class Decimal:
         object.__setattr__(self, "_quantum", PyDecimal(1).scaleb(-self.scale))
         # One digit more than the column holds: rounding to the scale can carry into a new digit (999.5 in
         # decimal(3, 0) rounds to 1000), and that must read as a value that does not fit, not raise.
-        object.__setattr__(self, "_column", Context(prec=self.precision + 1, Emax=MAX_EMAX, Emin=MIN_EMIN))
+        object.__setattr__(self, "_rounding", Context(prec=self.precision + 1, Emax=MAX_EMAX, Emin=MIN_EMIN))
         integer_digits = self.precision - self.scale
         object.__setattr__(self, "_int_limit", 10**integer_digits)
         # The everyday decimal (`50000000.0`, `12.5`, `-3`, as a JSON number or a string) in a form that
@@ -210,7 +210,7 @@ class Decimal:
         # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale within
         # the column's precision is exact for such a number, and changes any other. The rounded form is
         # what is stored: the same value, without the thousands of zeros or the exponent it came with.
-        exact = number.quantize(self._quantum, context=self._column)
+        exact = number.quantize(self._quantum, context=self._rounding)
         if exact != number:
             raise PydanticCustomError(
                 "decimal_places", f"Field exceeds maximum of {self.scale} decimal places"
