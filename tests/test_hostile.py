@@ -218,14 +218,18 @@ def decimal_cases(spec: DecimalField) -> FieldCases:
     fitting = st.integers(-(10**p) + 1, 10**p - 1).map(lambda n: Decimal(n).scaleb(-s))
     as_number_or_text = st.sampled_from([lambda d: d, plain, lambda d: plain(d) + ("000" if s else "")])
     too_big = st.integers(10 ** (p - s), 10 ** (p - s + 30)).map(Decimal)
+    largest_whole = 10 ** (p - s) - 1
     fraction = st.tuples(
-        st.integers(0, 10 ** (p - s) - 1),
+        st.integers(0, largest_whole) | st.just(largest_whole),
+        # The places the column has, all nines now and then: rounding those up carries into a digit the
+        # column does not have (999.5 in decimal(3, 0)).
+        st.sampled_from(["0" * s, "9" * s]) | st.text("0123456789", min_size=s, max_size=s),
         # Runs of zeros before the last digit: rounding to some precision would make them look exact.
         st.integers(1, 60).flatmap(
             lambda k: st.just("0" * k) | st.text("0123456789", min_size=k, max_size=k)
         ),
         st.integers(1, 9),
-    ).map(lambda t: Decimal(f"{t[0]}.{'0' * s}{t[1]}{t[2]}"))
+    ).map(lambda t: Decimal(f"{t[0]}.{t[1]}{t[2]}{t[3]}"))
     either_form = st.sampled_from([lambda d: d, plain])
     return FieldCases(
         st.sampled_from([ABSENT, None]) | st.tuples(fitting, as_number_or_text).map(lambda t: t[1](t[0])),
