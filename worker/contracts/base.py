@@ -207,9 +207,9 @@ class Decimal:
             raise PydanticCustomError(
                 "decimal_integer_digits", f"Field exceeds maximum of {max_integer_digits} integer digits"
             )
-        # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale within
-        # the column's precision is exact for such a number, and changes any other. The rounded form is
-        # what is stored: the same value, without the thousands of zeros or the exponent it came with.
+        # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale is exact
+        # for such a number, and changes any other. The rounded form is what is stored: the same value,
+        # without the thousands of zeros or the exponent it came with.
         exact = number.quantize(self._quantum, context=self._rounding)
         if exact != number:
             raise PydanticCustomError(
