@@ -310,3 +310,28 @@ def test_text_with_escapes_is_stored_as_sent(tenant: Tenant) -> None:
     assert body["results"] == [failed(i, err("code", "Code already exists")) for i in range(n)] + [
         created(n, f"{prefix}-x") | {"customerId": body["results"][n]["customerId"]}
     ]
+
+
+def test_exponents_no_decimal_holds_fail_their_item_alone(tenant: Tenant) -> None:
+    """JSON allows an exponent of any length; Python's Decimal holds them up to about 10**18. A number past
+    that is an error of its item, or zero, and the other items of its chunk are created all the same."""
+    codes = [unique_code("X") for _ in range(5)]
+    raw = (
+        f'[{{"code": "{codes[0]}", "name": "before"}},'
+        f' {{"code": "{codes[1]}", "name": "huge", "quota": 1e99999999999999999999}},'
+        f' {{"code": "{codes[2]}", "name": "tiny", "term": -1.5E-99999999999999999999}},'
+        f' {{"code": "{codes[3]}", "name": "zero", "discount": -0.0e+99999999999999999999}},'
+        f' {{"code": "{codes[4]}", "name": "after"}}]'
+    )
+    body = wait_for_batch(tenant.client, submit(tenant.client, raw=raw))
+    assert body["status"] == "COMPLETED"
+    assert strip_ids(body["results"]) == [
+        created(0, codes[0]),
+        failed(1, err("quota", int_digits(16))),
+        failed(2, err("term", dec_places(0))),
+        created(3, codes[3]),
+        created(4, codes[4]),
+    ]
+    r = tenant.client.get(f"/v1/customers/{codes[3]}")
+    assert r.status_code == 200
+    assert r.json()["discount"] == "0.00"

@@ -63,6 +63,8 @@ REPEATED = "Field appears more than once"
 
 # ASCII digits only: `\d` would also take Arabic-Indic or full-width digits, which Decimal() reads as well.
 _PLAIN_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+# A JSON number with an exponent, in parts: sign, integer digits, fraction digits, exponent.
+_JSON_NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?[eE]([+-]?[0-9]+)")
 # Anchored: pydantic-core searches for a pattern anywhere in the string.
 _NO_NUL = r"^[^\x00]*$"
 _NOT_FINITE = {"nan", "+nan", "-nan", "snan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
@@ -185,7 +187,7 @@ class Decimal:
             if self._fits.fullmatch(text):
                 # PostgreSQL stores it at the column's scale, which drops only trailing zeros.
                 return PyDecimal(text)
-            number = PyDecimal(text)
+            number = self._from_json_number(text)
         elif (type(value) is str and self._fits.fullmatch(value)) or (
             type(value) is int and -self._int_limit < value < self._int_limit
         ):
@@ -202,20 +204,39 @@ class Decimal:
         # Only context-free operations until the number is known to fit: normalize() and friends round to
         # the context's 28 digits (1.000…0001 would pass as 1) and overflow past its exponent range.
         integer_digits = max(number.adjusted() + 1, 0) if number else 0
-        max_integer_digits = self.precision - self.scale
-        if integer_digits > max_integer_digits:
-            raise PydanticCustomError(
-                "decimal_integer_digits", f"Field exceeds maximum of {max_integer_digits} integer digits"
-            )
+        if integer_digits > self.precision - self.scale:
+            raise self._too_many_integer_digits()
         # Trailing zeros say nothing about size: 10.250 fits decimal(4, 2). Rounding to the scale is exact
         # for such a number, and changes any other. The rounded form is what is stored: the same value,
         # without the thousands of zeros or the exponent it came with.
         exact = number.quantize(self._quantum, context=self._rounding)
         if exact != number:
-            raise PydanticCustomError(
-                "decimal_places", f"Field exceeds maximum of {self.scale} decimal places"
-            )
+            raise self._too_many_places()
         return exact
+
+    def _too_many_integer_digits(self) -> PydanticCustomError:
+        integer_digits = self.precision - self.scale
+        return PydanticCustomError(
+            "decimal_integer_digits", f"Field exceeds maximum of {integer_digits} integer digits"
+        )
+
+    def _too_many_places(self) -> PydanticCustomError:
+        return PydanticCustomError("decimal_places", f"Field exceeds maximum of {self.scale} decimal places")
+
+    def _from_json_number(self, text: str) -> PyDecimal:
+        """A JSON number's exact value. Decimal holds exponents of up to about 10**18 either way; a number
+        with a larger one is zero, or far too large or too small for any column, and fails as such."""
+        try:
+            return PyDecimal(text)
+        except InvalidOperation:
+            pass
+        # JSON's grammar leaves only the exponent's size to fail on.
+        match = _JSON_NUMBER.fullmatch(text)
+        assert match is not None, "a JSON number that Decimal refuses has an exponent"
+        sign, whole, fraction, exponent = match.groups("")
+        if not (whole + fraction).strip("0"):
+            return PyDecimal(sign + "0")
+        raise self._too_many_places() if exponent.startswith("-") else self._too_many_integer_digits()
 
     def fast_field(self, complete: bool) -> tuple[Any, ...]:
         # The value's JSON text, whatever it is: Contract.plain_records checks it against `fits_json`.
