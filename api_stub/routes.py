@@ -106,7 +106,10 @@ def _prefer_wait(request: Request) -> int | None:
     match = _PREFER_WAIT.search(request.headers.get("prefer", ""))
     if match is None:
         return None
-    return min(int(match.group(1)), get_settings().max_prefer_wait_seconds)
+    most = get_settings().max_prefer_wait_seconds
+    # Any number of digits is a valid wait, but Python converts no more than 4,300 of them to an int.
+    digits = match.group(1).lstrip("0")
+    return most if len(digits) > len(str(most)) else min(int(digits or "0"), most)
 
 
 def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
@@ -143,6 +146,7 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
         settings = get_settings()
         check_content_type(request)
         key = _idempotency_key(request)
+        wait = _prefer_wait(request)
         body = await read_body(request, settings.max_body_bytes)
         async with storing:
             submission = await run_in_threadpool(_store, body, tenant_id, key)
@@ -160,7 +164,6 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
             202,
             headers={"Location": f"{prefix}/batches/{submission.batch_id}", **replayed},
         )
-        wait = _prefer_wait(request)
         if not wait:
             return accepted
         outcome = await _wait_for_end(tenant_id, submission.batch_id, wait)
@@ -288,8 +291,11 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
                         extra=batches.progress(batch),
                     )
                 statuses = None if status is None else [status]
+                # Past the last index every page is empty; the bound also keeps offset + limit within the
+                # database's integers.
+                start = min(offset, batch.total)
                 entries = batches.results_json(
-                    session, batch.id, statuses=statuses, offset=offset, limit=limit
+                    session, batch.id, statuses=statuses, offset=start, limit=limit
                 )
                 return JSONBody({**batches.summary(batch), "results": entries})
 
@@ -307,6 +313,10 @@ def contract_routes(contract: Contract, prefix: str, noun: str) -> APIRouter:
 
     @routes.get("/{key:path}")
     async def record(key: str, tenant_id: Tenant) -> JSONBody:
+        if "\x00" in key:
+            # No stored text holds NUL (PostgreSQL's cannot), so no record has that key.
+            raise ApiError(404, not_found)
+
         def read() -> dict[str, Any] | None:
             table = contract.table
             with session_scope() as session:

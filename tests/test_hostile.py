@@ -561,6 +561,16 @@ def test_malformed_bodies_are_400(tenant: Tenant, raw: bytes) -> None:
     assert r.json() == INVALID_JSON
 
 
+def test_a_code_no_record_can_have_is_not_found(tenant: Tenant) -> None:
+    """NUL cannot be stored, so a code holding it is a 404 like any unknown code, and the connection stays
+    usable for the next request."""
+    not_found = {"statusCode": 404, "errors": [{"message": "Customer not found"}]}
+    for path in ("/v1/customers/%00", "/v1/customers/A%00B", "/v1/customers/" + "B" * 19):
+        r = tenant.client.get(path)
+        assert (r.status_code, r.json()) == (404, not_found), path
+        assert tenant.client.get("/healthz").status_code == 200
+
+
 def test_hostile_items_become_per_item_errors(server: Server, tenant: Tenant) -> None:
     """Each hostile value is accepted by the thin receiver and refused by the worker for its item alone."""
     start = log_size(server)

@@ -85,6 +85,11 @@ def test_results_filter_and_paging(tenant: Tenant) -> None:
     assert results(offset=1, limit=2) == [by_index[1], by_index[2]]
     assert results(offset=4, limit=10) == [by_index[4]]
     assert results(offset=5) == []
+    # Offsets past any database integer are as empty as any other past the end.
+    assert results(offset=2**31) == []
+    assert results(offset=2**31 - 1, limit=10) == []
+    assert results(offset=10**24, limit=1) == []
+    assert results(status="CREATED", offset=2**63) == []
     assert results(limit=1) == [by_index[0]]
     assert results(status="CREATED", offset=1, limit=1) == [by_index[2]]
     assert strip_ids(results()) == expected
@@ -218,6 +223,17 @@ def test_prefer_wait_all_valid_is_201(tenant: Tenant, db: Callable[..., list[Any
     done = tenant.client.get(f"/v1/customers/batches/{body['batchId']}")
     assert done.status_code == 200
     assert done.json()["created"] == 2
+
+
+def test_prefer_wait_of_any_length_is_capped(tenant: Tenant) -> None:
+    """RFC 7240 puts no bound on the digits of a wait; past the cap, any number of them asks for the cap."""
+    code = unique_code("L")
+    r = post_batch(tenant.client, [{"code": code, "name": "ok"}], prefer="wait=" + "1" * 4301)
+    assert r.status_code == 201, r.text
+    assert r.headers["Preference-Applied"] == "wait=60"
+    r = post_batch(tenant.client, [{"code": unique_code("L"), "name": "ok"}], prefer="wait=0000000000000030")
+    assert r.status_code == 201, r.text
+    assert r.headers["Preference-Applied"] == "wait=30"
 
 
 def test_prefer_wait_with_invalid_items_is_422_per_item(tenant: Tenant) -> None:
