@@ -5,6 +5,7 @@ Items themselves are not looked at here; the workers validate them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import jiter
 import msgspec
 from fastapi import Request
+from msgspec import UNSET, UnsetType
 
 from api_stub.errors import ApiError
 from worker.contracts.base import ARRAY_ELEMENTS, Contract
@@ -26,6 +28,8 @@ VALUES_PER_ITEM = 100
 MAX_DEPTH = 200
 MAX_DIGITS = 4300
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Any JSON document, its syntax checked without building it.
+_SKIP = msgspec.json.Decoder(msgspec.Raw)
 
 
 def check_content_type(request: Request) -> None:
@@ -36,7 +40,7 @@ def check_content_type(request: Request) -> None:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    too_large = ApiError(413, "Request body too large")
+    too_large = _too_large()
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -78,24 +82,21 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     # isspace() stops at the first byte that is not whitespace; strip() would copy the whole body first.
     if not body or body.isspace():
         raise ApiError(422, "Request body cannot be empty")
-    max_values = max_items * VALUES_PER_ITEM
-    too_many_values = ApiError(413, f"Request body must not hold more than {max_values} JSON values")
-    # The split builds one object per element, and every element but the first follows a ','.
-    few_commas = body.count(b",") < max_values
-    if not few_commas and _more_values_than(body, max_values):
-        raise too_many_values
     invalid = ApiError(400, "Invalid JSON in request body")
     try:
         # msgspec skips strings without checking their UTF-8.
         body.decode()
     except UnicodeDecodeError:
         raise invalid from None
+    max_values = max_items * VALUES_PER_ITEM
+    # The split builds one object per element, and every element but the first follows a ','.
+    few_commas = body.count(b",") < max_values
+    if not few_commas and _more_values_than(body, max_values):
+        raise _too_many_values(body, max_items)
     try:
         elements = ARRAY_ELEMENTS.decode(body)
     except msgspec.ValidationError:
-        # Not an array, and maybe not JSON at all: the split stops at the first byte, a full parse tells.
-        _parse(body)
-        raise ApiError(422, "Request body must be a JSON array") from None
+        raise _not_an_array(body) from None
     except (msgspec.DecodeError, RecursionError):
         raise invalid from None
     if b"\n" in body:
@@ -113,7 +114,7 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
         # which also makes the checks below, and builds every value the body holds (counted above already
         # unless the commas were few).
         if few_commas and _more_values_than(body, max_values):
-            raise too_many_values
+            raise _too_large()
         return Items(elements, [contract.key_of(_parse(bytes(element))) for element in elements])
     # Each element holds at least its own '{': only a body with 200 brackets more than that can hold an
     # element nested deeper than jiter's limit of 200. Counted only as far as that decides it.
@@ -130,6 +131,43 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
             if text.count(b"{") + text.count(b"[") > MAX_DEPTH:
                 _parse(text)
     return Items(elements, keys)
+
+
+def _too_large() -> ApiError:
+    # The contract's one message for a body over a limit, whether of its bytes or of the values it holds.
+    return ApiError(413, "Request body too large")
+
+
+def _not_an_array(body: bytes) -> ApiError:
+    """The answer for a body that does not start as an array: msgspec stops at its first byte, and only
+    checks the rest, skipping it unbuilt, when asked to."""
+    try:
+        _SKIP.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return ApiError(400, "Invalid JSON in request body")
+    return ApiError(422, "Request body must be a JSON array")
+
+
+def _too_many_values(body: bytes, max_items: int) -> ApiError:
+    """The answer for a body of too many values to split: whatever the contract says first, found
+    without building more than ``max_items`` + 1 elements."""
+    try:
+        elements = _elements_up_to(max_items).decode(body)
+    except msgspec.ValidationError:
+        return _not_an_array(body)
+    except (msgspec.DecodeError, RecursionError):
+        return ApiError(400, "Invalid JSON in request body")
+    if getattr(elements, f"e{max_items}") is not UNSET:
+        return ApiError(422, f"Array must contain at most {max_items} items")
+    return _too_large()
+
+
+@functools.lru_cache(maxsize=2)
+def _elements_up_to(max_items: int) -> msgspec.json.Decoder[Any]:
+    """Reads the first ``max_items`` + 1 elements of an array into a struct of as many fields; msgspec
+    checks the syntax of any further element as it skips it, without building it."""
+    fields = [(f"e{i}", msgspec.Raw | UnsetType, UNSET) for i in range(max_items + 1)]
+    return msgspec.json.Decoder(msgspec.defstruct("Elements", fields, array_like=True))
 
 
 def _parse(document: bytes) -> Any:

@@ -56,7 +56,21 @@ def test_invalid_json_is_400(tenant: Tenant, raw: str) -> None:
     assert r.json() == error_body(400, "Invalid JSON in request body")
 
 
-@pytest.mark.parametrize("raw", ['{"code": "A", "name": "B"}', '"text"', "42", "null", "true", "{}"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"code": "A", "name": "B"}',
+        '"text"',
+        "42",
+        "null",
+        "true",
+        "{}",
+        # JSON all the same, though no item may nest this deep or hold such a number.
+        '{"a": ' * 300 + "1" + "}" * 300,
+        "9" * 5000,
+        '{"a": [' + ",".join(["1"] * 1_000_001) + "]}",
+    ],
+)
 def test_json_that_is_not_an_array_is_422(tenant: Tenant, raw: str) -> None:
     r = post_batch(tenant.client, raw=raw)
     assert r.status_code == 422
@@ -79,10 +93,20 @@ def test_more_than_10000_items_is_422(tenant: Tenant) -> None:
 
 
 def test_a_body_of_millions_of_tiny_values_is_413(tenant: Tenant) -> None:
-    """Far below the byte limit, yet its parsed form would take gigabytes: refused before parsing."""
+    """Far below the byte limit, yet its parsed form would take gigabytes: refused before parsing, with the
+    contract's message for a body over a limit."""
     r = post_batch(tenant.client, raw='[{"code": "A", "x": [' + ",".join(["[]"] * 2_000_000) + "]}]")
     assert r.status_code == 413
-    assert r.json() == error_body(413, "Request body must not hold more than 1000000 JSON values")
+    assert r.json() == error_body(413, "Request body too large")
+
+
+@pytest.mark.parametrize("items", [1_000_001, 30_000_000])
+def test_too_many_items_is_422_however_many_values(tenant: Tenant, items: int) -> None:
+    """A flat array of tiny items holds more values than any body may, yet what the client did wrong is
+    the number of items, and the answer says so."""
+    r = post_batch(tenant.client, raw="[" + ",".join(["1"] * items) + "]")
+    assert r.status_code == 422
+    assert r.json() == error_body(422, "Array must contain at most 10000 items")
 
 
 def test_many_separators_inside_strings_are_not_values(tenant: Tenant) -> None:
