@@ -188,3 +188,30 @@ def test_other_items_are_left_to_the_model(fields: str) -> None:
             None if v is None else str(v) if isinstance(v, Decimal) else v
             for v in (values[name] for name in CUSTOMER.value_names)
         ]
+
+
+@pytest.mark.parametrize(
+    ("number", "field", "message", "stored"),
+    [
+        ("1e1000000000000000000", "quota", "Field exceeds maximum of 16 integer digits", None),
+        ("-1e99999999999999999999", "quota", "Field exceeds maximum of 16 integer digits", None),
+        ("10E+999999999999999999", "term", "Field exceeds maximum of 3 integer digits", None),
+        ("-506799.0e999999999999999999", "discount", "Field exceeds maximum of 8 integer digits", None),
+        ("5E-99999999999999999999", "quota", "Field exceeds maximum of 2 decimal places", None),
+        ("1E-1000000000000000019", "term", "Field exceeds maximum of 0 decimal places", None),
+        ("0E+99999999999999999999", "quota", None, "0.00"),
+        ("-0.000e-99999999999999999999", "term", None, "-0"),
+    ],
+)
+def test_exponents_beyond_pythons_decimal(
+    number: str, field: str, message: str | None, stored: str | None
+) -> None:
+    """Python's Decimal holds exponents up to about 10**18; past that a JSON number is still an error of its
+    field, or zero, never an exception that would fail the item's whole chunk."""
+    values, errors = read_item(f'{{"code": "C1", "name": "N", "{field}": {number}}}'.encode())
+    if message is None:
+        assert errors == []
+        assert values is not None
+        assert values[CUSTOMER.value_names.index(field)] == stored
+    else:
+        assert (values, errors) == (None, [{"field": field, "message": message}])

@@ -56,6 +56,13 @@ def test_reference_example_in_embedded_mode(tmp_path: Path) -> None:
                 client, [{"code": "CLI-003", "name": "Third"}], headers={"Idempotency-Key": "emb-1"}
             )
             assert other.status_code == 422
+
+            # Zero keeps no sign on SQLite either, whichever way the worker read it.
+            zeros = {"ZERO-0": "-0", "ZERO-1": "-0.0", "ZERO-2": "-0e99999999999999999999"}
+            raw = ", ".join(f'{{"code": "{c}", "name": "z", "quota": {n}}}' for c, n in zeros.items())
+            body = wait_for_batch(client, post_batch(client, raw=f"[{raw}]").json()["batchId"], timeout=60)
+            assert body["created"] == len(zeros)
+            assert [client.get(f"/v1/customers/{c}").json()["quota"] for c in zeros] == ["0.00"] * 3
         assert (workdir / "clientela.db").exists(), sorted(p.name for p in workdir.iterdir())
     finally:
         server.stop()

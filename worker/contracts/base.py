@@ -105,7 +105,8 @@ class StoredDecimal(sa_types.TypeDecorator[PyDecimal]):
         number = PyDecimal(value) if isinstance(value, str) else value
         if dialect.name != "sqlite":
             return number
-        return str(number.quantize(PyDecimal(1).scaleb(-self.scale)))
+        # Kept as text, a zero would keep the sign it was sent with; PostgreSQL's numeric has none.
+        return str((number if number else number.copy_abs()).quantize(PyDecimal(1).scaleb(-self.scale)))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> PyDecimal | None:
         if value is None:
