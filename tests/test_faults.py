@@ -453,18 +453,28 @@ def check_stream(name: str, stack: Stack, db: Db, batches: list[Accepted], fault
 # ----- the five faults
 
 
-def holds_chunk_transaction(db: Db, pid: int, begun_before: datetime | None = None) -> bool:
-    """Whether the process has a chunk's transaction open in PostgreSQL (begun before the given moment)."""
+# The statements of the transaction that counts a chunk's attempt, before the one that does the chunk.
+COUNTING_AN_ATTEMPT = ("UPDATE chunks SET attempts=%", "UPDATE batches SET status=%, started_at=%")
+
+
+def holds_chunk_transaction(
+    db: Db, pid: int, begun_before: datetime | None = None, *, past_its_count: bool = False
+) -> bool:
+    """Whether the process has a chunk's transaction open in PostgreSQL (begun before the given moment);
+    with `past_its_count`, the transaction that does the chunk, not the one that counts its attempt (which,
+    ended unfinished, leaves the attempt uncounted)."""
     try:
         ports = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp")]
     except psutil.Error:
         return False
+    counting = " AND query NOT LIKE ALL(CAST(:counting AS text[]))" if past_its_count else ""
     [(open_,)] = db(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name "
-        "AND client_port = ANY(CAST(:ports AS int[])) AND xact_start < :before",
+        "AND client_port = ANY(CAST(:ports AS int[])) AND xact_start < :before" + counting,
         name=CHUNK_TRANSACTION,
         ports=ports,
         before=begun_before or now(),
+        **({"counting": list(COUNTING_AN_ATTEMPT)} if past_its_count else {}),
     )
     return bool(open_)
 
@@ -670,7 +680,8 @@ def test_frozen_worker_outlives_its_lease(faults: Stack, make_tenant: Callable[[
             moment = now()
             time.sleep(1)
             # Its chunk transaction, begun before the freeze and still open: the worker stopped mid-chunk.
-            if any(holds_chunk_transaction(db, child, moment) for child in pool_children(main_pid(stuck))):
+            children = pool_children(main_pid(stuck))
+            if any(holds_chunk_transaction(db, child, moment, past_its_count=True) for child in children):
                 stopped = moment
                 wait_until(
                     lambda m=moment: (
