@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sys
 import tempfile
+import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import orjson
 import typer
+from pydantic import ValidationError
 
 from worker.config import configure_logging, get_settings
 
@@ -28,16 +32,60 @@ cli.add_typer(tenant_cli, name="tenant")
 WORKER_NICE = 10
 
 
+# The length of the tenants table's name column.
+MAX_TENANT_NAME = 200
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
 def _settings_or_exit() -> None:
     try:
         get_settings()
-    except ValueError as exc:
-        _configuration_error(str(exc))
+    except ValidationError as exc:
+        # Each error under its variable's name, and never with the value given: it may be the secret key.
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"CLIENTELA_{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message)
+        _configuration_error("; ".join(lines))
 
 
 def _configuration_error(message: str) -> NoReturn:
     typer.echo(f"configuration error: {message}", err=True)
     raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _database() -> Iterator[None]:
+    """Turn a database that cannot be reached or used into one line that says which, and exit 1."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    settings = get_settings()
+    try:
+        if settings.embedded:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        where = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+        cause = getattr(exc, "orig", None) or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        typer.echo(f"cannot use the database at {where}: {reason}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _needs_services(command: str) -> None:
+    if get_settings().embedded:
+        _configuration_error(
+            f"embedded mode runs its worker and reconciler inside `clientela serve`; `clientela {command}` "
+            "needs CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"
+        )
 
 
 @cli.command()
@@ -47,14 +95,15 @@ def migrate() -> None:
     configure_logging()
     from worker.migrate import upgrade
 
-    upgrade()
+    with _database():
+        upgrade()
     typer.echo("schema is at head")
 
 
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     processes: Annotated[
         int,
         typer.Option(
@@ -89,7 +138,8 @@ def serve(
         from api_stub.embedded import EmbeddedRuntime
         from worker.migrate import upgrade
 
-        upgrade()
+        with _database():
+            upgrade()
         runtime = EmbeddedRuntime(settings)
         runtime.start()
         typer.echo(
@@ -107,8 +157,8 @@ def serve(
 
 @cli.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    loglevel: Annotated[LogLevel, typer.Option(help="Celery log level.")] = LogLevel.INFO,
     nice: Annotated[
         int,
         typer.Option(
@@ -121,6 +171,7 @@ def worker(
 ) -> None:
     """Run a Celery worker for the ingestion queue."""
     _settings_or_exit()
+    _needs_services("worker")
     from worker.tasks import QUEUE, app, keep_freed_memory
 
     _give_up_cpu_priority(nice)
@@ -132,7 +183,7 @@ def worker(
             "worker",
             f"--queues={QUEUE}",
             f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
+            f"--loglevel={loglevel.value}",
             f"--hostname=ingest-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",
@@ -157,32 +208,40 @@ def _give_up_cpu_priority(nice: int) -> None:
 
 
 @cli.command()
-def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+def beat(loglevel: Annotated[LogLevel, typer.Option(help="Celery log level.")] = LogLevel.INFO) -> None:
     """Run the periodic scheduler (the reconciler); one per deployment."""
     _settings_or_exit()
+    _needs_services("beat")
     from worker.tasks import app
 
     # The schedule file only remembers when the reconciler last ran, which a restart may forget: a private
     # directory keeps two beats apart and goes with this one, where a file per pid piled up in /tmp.
     with tempfile.TemporaryDirectory(prefix="clientela-beat-") as directory:
-        app.start(["beat", f"--loglevel={loglevel}", f"--schedule={Path(directory) / 'schedule'}"])
+        app.start(["beat", f"--loglevel={loglevel.value}", f"--schedule={Path(directory) / 'schedule'}"])
 
 
 @tenant_cli.command("create")
-def tenant_create(name: str) -> None:
+def tenant_create(name: Annotated[str, typer.Argument(metavar="NAME", show_default=False)]) -> None:
     """Create a tenant and print its subscription key as one JSON line."""
     _settings_or_exit()
+    if not name.strip() or len(name) > MAX_TENANT_NAME or any(unicodedata.category(c) == "Cc" for c in name):
+        typer.echo(
+            f"a tenant name is 1 to {MAX_TENANT_NAME} characters, not all spaces, and no control characters",
+            err=True,
+        )
+        raise typer.Exit(2)
     from api_stub.auth import TenantExists, create_tenant
 
-    if get_settings().embedded:
-        from worker.migrate import upgrade
+    with _database():
+        if get_settings().embedded:
+            from worker.migrate import upgrade
 
-        upgrade()
-    try:
-        key = create_tenant(name)
-    except TenantExists:
-        typer.echo(f"tenant {name!r} already exists", err=True)
-        raise typer.Exit(1) from None
+            upgrade()
+        try:
+            key = create_tenant(name)
+        except TenantExists:
+            typer.echo(f"tenant {name!r} already exists", err=True)
+            raise typer.Exit(1) from None
     sys.stdout.write(orjson.dumps({"tenant": name, "subscriptionKey": key}).decode() + "\n")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -17,6 +18,7 @@ import httpx
 import lz4.frame
 import orjson
 import psutil
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import Session
@@ -325,3 +327,124 @@ def test_embedded_mode_refuses_several_receiver_processes(tmp_path: Path) -> Non
         "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"
     )
     assert not list(tmp_path.iterdir()), "nothing is created before the refusal"
+
+
+def clientela_run(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [clientela_command(), *args],
+        env=env,
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def production_env(**overrides: str) -> dict[str, str]:
+    """Settings of a deployment whose servers are never reached: the refusals below come first."""
+    settings = {
+        "CLIENTELA_DATABASE_URL": "postgresql+psycopg://clientela:pw@127.0.0.1:1/clientela",
+        "CLIENTELA_BROKER_URL": "redis://127.0.0.1:1/0",
+        "CLIENTELA_SECRET_KEY": "k" * 40,
+    }
+    return clean_env(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "command", "message"),
+    [
+        (
+            {"CLIENTELA_DATABASE_URL": "mysql://u:p@127.0.0.1/x"},
+            "migrate",
+            "CLIENTELA_DATABASE_URL: must be a PostgreSQL URL, postgresql+psycopg://user:password@host:5432/database",
+        ),
+        (
+            {"CLIENTELA_BROKER_URL": "http://127.0.0.1/"},
+            "worker",
+            "CLIENTELA_BROKER_URL: must be a Redis URL, redis://host:6379/0 (or rediss:// for TLS)",
+        ),
+        (
+            {"CLIENTELA_SECRET_KEY": "short-but-secret"},
+            "migrate",
+            "CLIENTELA_SECRET_KEY must be a random string of at least 32 chars",
+        ),
+        (
+            {"CLIENTELA_SECRET_KEY": " " * 40},
+            "migrate",
+            "CLIENTELA_SECRET_KEY must be a random string of at least 32 chars",
+        ),
+        (
+            {"CLIENTELA_RECONCILE_INTERVAL_SECONDS": "inf"},
+            "beat",
+            "CLIENTELA_RECONCILE_INTERVAL_SECONDS: Input should be a finite number",
+        ),
+        (
+            {"CLIENTELA_CHUNK_SIZE": "abc", "CLIENTELA_MAX_CHUNK_ATTEMPTS": "0"},
+            "migrate",
+            "CLIENTELA_CHUNK_SIZE: Input should be a valid integer, unable to parse string as an integer; "
+            "CLIENTELA_MAX_CHUNK_ATTEMPTS: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_its_variable_never_its_value(
+    tmp_path: Path, overrides: dict[str, str], command: str, message: str
+) -> None:
+    proc = clientela_run([command], production_env(**overrides), tmp_path)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"configuration error: {message}")
+    assert "short-but-secret" not in proc.stdout + proc.stderr
+
+
+def test_empty_urls_are_unset_ones(tmp_path: Path) -> None:
+    """`CLIENTELA_DATABASE_URL=` is no URL: with the broker's empty too, that is embedded mode."""
+    env = clean_env(CLIENTELA_DATABASE_URL="", CLIENTELA_BROKER_URL="")
+    proc = clientela_run(["worker"], env, tmp_path)
+    assert proc.returncode == 2
+    assert "embedded mode runs its worker and reconciler inside `clientela serve`" in proc.stderr
+
+
+def test_a_database_that_cannot_be_used_is_one_line_without_its_password(tmp_path: Path) -> None:
+    """Refused, or a server that never answers (a socket nobody reads): the command says which database
+    and why within its connect timeout, and exits 1."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        for port, reason in (
+            (free_port(), "Connection refused"),
+            (silent.getsockname()[1], "timeout expired"),
+        ):
+            url = f"postgresql+psycopg://clientela:hunter2@127.0.0.1:{port}/clientela"
+            started = time.monotonic()
+            proc = clientela_run(["migrate"], production_env(CLIENTELA_DATABASE_URL=url), tmp_path)
+            assert proc.returncode == 1, proc.stderr
+            [line] = proc.stderr.strip().splitlines()
+            assert line.startswith(
+                f"cannot use the database at postgresql+psycopg://clientela:***@127.0.0.1:{port}/"
+            )
+            assert reason in line
+            assert "hunter2" not in proc.stdout + proc.stderr
+            assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["worker"], "`clientela worker` needs CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"),
+        (["beat"], "`clientela beat` needs CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"),
+        (["tenant", "create", "   "], "a tenant name is 1 to 200 characters"),
+        (["tenant", "create", "x" * 201], "a tenant name is 1 to 200 characters"),
+        (["tenant", "create", "a\nb"], "a tenant name is 1 to 200 characters"),
+        (["serve", "--port", "70000"], "Invalid value for '--port'"),
+        (["worker", "--concurrency", "0"], "Invalid value for '--concurrency'"),
+        (["worker", "--loglevel", "LOUD"], "Invalid value for '--loglevel'"),
+    ],
+)
+def test_commands_refuse_what_cannot_work_in_embedded_mode(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = clientela_run(args, clean_env(), tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -11,16 +11,21 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_LENGTH = 32
 _PLACEHOLDER_SECRETS = {"changethis", "change-me", "changeme", "secret"}
 EMBEDDED_BROKER_URL = "memory://localhost/"
+DATABASE_SCHEME = "postgresql+psycopg://"
+# SQLAlchemy reads these as psycopg2, which is not installed; psycopg 3 takes the same URLs.
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIENTELA_", extra="ignore")
+    # An empty variable is an unset one: `CLIENTELA_DATABASE_URL=` in a shell or a compose file means none.
+    model_config = SettingsConfigDict(env_prefix="CLIENTELA_", extra="ignore", env_ignore_empty=True)
 
     database_url: str | None = None
     broker_url: str | None = None
@@ -31,8 +36,9 @@ class Settings(BaseSettings):
     max_batch_items: int = 10_000
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # A chunk claimed or enqueued longer ago than this is handed out again by the reconciler.
-    chunk_lease_seconds: int = Field(default=60, ge=2)
-    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
+    # At most a day: the task time limit and the reconciler's timers take it as a number of seconds.
+    chunk_lease_seconds: int = Field(default=60, ge=2, le=86_400)
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0, le=3_600, allow_inf_nan=False)
     # Attempts after which a chunk that keeps failing is given up and its items marked UNPROCESSED.
     max_chunk_attempts: int = Field(default=5, ge=1)
     # Items a tenant may have accepted but not yet processed; past it batch-create answers 429.
@@ -57,6 +63,29 @@ class Settings(BaseSettings):
         # Below the lease, so a chunk still running cannot be handed to a second worker by the reconciler.
         return max(1, self.chunk_lease_seconds - 1)
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_with_psycopg(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        for scheme in _POSTGRESQL_SCHEMES:
+            if url.startswith(scheme):
+                return DATABASE_SCHEME + url.removeprefix(scheme)
+        if not url.startswith(DATABASE_SCHEME):
+            raise ValueError(f"must be a PostgreSQL URL, {DATABASE_SCHEME}user:password@host:5432/database")
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url.startswith(BROKER_SCHEMES):
+            raise ValueError("must be a Redis URL, redis://host:6379/0 (or rediss:// for TLS)")
+        return url
+
     @model_validator(mode="after")
     def _secret_required_outside_embedded(self) -> Settings:
         if self.embedded:
@@ -69,7 +98,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CLIENTELA_SECRET_KEY is required when CLIENTELA_DATABASE_URL or BROKER_URL is set"
             )
-        if self.secret_key.lower() in _PLACEHOLDER_SECRETS or len(self.secret_key) < MIN_SECRET_LENGTH:
+        secret = self.secret_key.strip()
+        if secret.lower() in _PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
             raise ValueError(
                 f"CLIENTELA_SECRET_KEY must be a random string of at least {MIN_SECRET_LENGTH} chars"
             )

@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import get_settings
 
+CONNECT_TIMEOUT_SECONDS = 10
+
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _sessions: sessionmaker[Session] | None = None
@@ -45,7 +47,11 @@ def build_engine(url: str, server_settings: dict[str, str] | None = None) -> Eng
         pool_pre_ping=True,
         pool_recycle=1800,
         hide_parameters=True,
-        connect_args={"options": options} if options else {},
+        # A server that never answers must fail a command or a request, not hang it.
+        connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            **({"options": options} if options else {}),
+        },
     )
 
 

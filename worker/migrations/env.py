@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 import worker.contracts  # noqa: F401  (registers the contracts' tables on the metadata)
+from worker.db import CONNECT_TIMEOUT_SECONDS
 from worker.models import Base
 
 config = context.config
@@ -13,8 +14,13 @@ target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
+    section = config.get_section(config.config_ini_section, {})
+    postgresql = not section["sqlalchemy.url"].startswith("sqlite")
     connectable = engine_from_config(
-        config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+        section,
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS} if postgresql else {},
     )
     with connectable.connect() as connection:
         context.configure(
