@@ -12,7 +12,8 @@ import threading
 from celery.worker import WorkController
 
 from worker.config import Settings
-from worker.tasks import app, reconcile_task
+from worker.reconciler import overdue_chunks
+from worker.tasks import app, enqueue_chunks, reconcile_task
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ class EmbeddedRuntime:
         ]
 
     def start(self) -> None:
+        # The in-process broker starts empty: the chunks a stopped or killed server left pending would
+        # otherwise wait out their lease before the reconciler hands them out.
+        left = overdue_chunks(self._settings, every_pending=True)
+        if left:
+            log.info("enqueued %d chunks left pending by an earlier run", len(left))
+            enqueue_chunks(left)
         for thread in self._threads:
             thread.start()
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import lz4.frame
 import orjson
-from sqlalchemy import CursorResult, delete, func, insert, select, tuple_
+from sqlalchemy import CursorResult, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from typing_extensions import Buffer
@@ -58,9 +58,14 @@ def reserve_capacity(session: Session, tenant_id: uuid.UUID, items: int, limit: 
     are counted one after the other and cannot overshoot together. A batch is always accepted when the
     tenant has nothing in progress, so a limit below the batch size cannot block a tenant for good.
     """
-    # FOR NO KEY UPDATE: it serializes submissions, yet does not wait for anything that holds the tenant
-    # row's key-share lock (the foreign keys of new batches and Idempotency-Keys).
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+    if is_postgresql(session):
+        # FOR NO KEY UPDATE: it serializes submissions, yet does not wait for anything that holds the tenant
+        # row's key-share lock (the foreign keys of new batches and Idempotency-Keys).
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+    else:
+        # SQLite has no row locks, and its driver begins a transaction only at the first write: a write
+        # first takes the database's one write lock, which serializes submissions as the row lock does.
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
     in_progress = session.scalar(
         select(func.coalesce(func.sum(Batch.total - Batch.processed), 0)).where(
             Batch.tenant_id == tenant_id, Batch.status.in_(BatchStatus.IN_PROGRESS)

@@ -25,19 +25,18 @@ CHUNK_TRANSACTION = "clientela-chunk"
 log = logging.getLogger(__name__)
 
 
-def overdue_chunks(settings: Settings) -> list[uuid.UUID]:
-    """Take the chunks whose lease has run out and lease them again; the caller enqueues them."""
+def overdue_chunks(settings: Settings, *, every_pending: bool = False) -> list[uuid.UUID]:
+    """Take the chunks whose lease has run out and lease them again; the caller enqueues them.
+    ``every_pending`` takes every pending chunk at once, leased or not: for a broker known to hold no
+    message, such as embedded mode's in-process one when it starts."""
     _end_stale_chunk_transactions(settings)
     now = utcnow()
+    query = select(Chunk.id).where(Chunk.status == ChunkStatus.PENDING)
+    if not every_pending:
+        query = query.where(Chunk.available_at < now).limit(PAGE)
     with session_scope() as session:
         chunk_ids = list(
-            session.scalars(
-                select(Chunk.id)
-                .where(Chunk.status == ChunkStatus.PENDING, Chunk.available_at < now)
-                .order_by(Chunk.available_at)
-                .limit(PAGE)
-                .with_for_update(skip_locked=True)
-            )
+            session.scalars(query.order_by(Chunk.available_at).with_for_update(skip_locked=True))
         )
         if chunk_ids:
             session.execute(
