@@ -54,6 +54,9 @@ def _settings_or_exit() -> None:
             message = str(error["msg"]).removeprefix("Value error, ")
             lines.append(f"CLIENTELA_{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message)
         _configuration_error("; ".join(lines))
+    except ValueError as exc:
+        # pydantic-settings' own refusals, before any field is validated, name the variable themselves.
+        _configuration_error(str(exc))
 
 
 def _configuration_error(message: str) -> NoReturn:

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_batch_items: int = 10_000
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # A chunk claimed or enqueued longer ago than this is handed out again by the reconciler.
-    # At most a day: the task time limit and the reconciler's timers take it as a number of seconds.
+    # At most a day, already longer than a lost chunk should wait; the task time limit follows from it.
     chunk_lease_seconds: int = Field(default=60, ge=2, le=86_400)
     reconcile_interval_seconds: float = Field(default=10.0, gt=0, le=3_600, allow_inf_nan=False)
     # Attempts after which a chunk that keeps failing is given up and its items marked UNPROCESSED.
