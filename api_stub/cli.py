@@ -32,10 +32,6 @@ cli.add_typer(tenant_cli, name="tenant")
 WORKER_NICE = 10
 
 
-# The length of the tenants table's name column.
-MAX_TENANT_NAME = 200
-
-
 class LogLevel(enum.StrEnum):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -227,13 +223,14 @@ def beat(loglevel: Annotated[LogLevel, typer.Option(help="Celery log level.")] =
 def tenant_create(name: Annotated[str, typer.Argument(metavar="NAME", show_default=False)]) -> None:
     """Create a tenant and print its subscription key as one JSON line."""
     _settings_or_exit()
-    if not name.strip() or len(name) > MAX_TENANT_NAME or any(unicodedata.category(c) == "Cc" for c in name):
+    from api_stub.auth import TenantExists, create_tenant
+    from worker.models import TENANT_NAME_LENGTH as longest
+
+    if not name.strip() or len(name) > longest or any(unicodedata.category(c) == "Cc" for c in name):
         typer.echo(
-            f"a tenant name is 1 to {MAX_TENANT_NAME} characters, not all spaces, and no control characters",
-            err=True,
+            f"a tenant name is 1 to {longest} characters, not all spaces, and no control characters", err=True
         )
         raise typer.Exit(2)
-    from api_stub.auth import TenantExists, create_tenant
 
     with _database():
         if get_settings().embedded:

@@ -82,7 +82,7 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     # isspace() stops at the first byte that is not whitespace; strip() would copy the whole body first.
     if not body or body.isspace():
         raise ApiError(422, "Request body cannot be empty")
-    invalid = ApiError(400, "Invalid JSON in request body")
+    invalid = _invalid_json()
     try:
         # msgspec skips strings without checking their UTF-8.
         body.decode()
@@ -133,6 +133,10 @@ def parse_items(body: bytes, max_items: int, contract: Contract) -> Items:
     return Items(elements, keys)
 
 
+def _invalid_json() -> ApiError:
+    return ApiError(400, "Invalid JSON in request body")
+
+
 def _too_large() -> ApiError:
     # The contract's one message for a body over a limit, whether of its bytes or of the values it holds.
     return ApiError(413, "Request body too large")
@@ -144,7 +148,7 @@ def _not_an_array(body: bytes) -> ApiError:
     try:
         _SKIP.decode(body)
     except (msgspec.DecodeError, RecursionError):
-        return ApiError(400, "Invalid JSON in request body")
+        return _invalid_json()
     return ApiError(422, "Request body must be a JSON array")
 
 
@@ -156,7 +160,7 @@ def _too_many_values(body: bytes, max_items: int) -> ApiError:
     except msgspec.ValidationError:
         return _not_an_array(body)
     except (msgspec.DecodeError, RecursionError):
-        return ApiError(400, "Invalid JSON in request body")
+        return _invalid_json()
     if getattr(elements, f"e{max_items}") is not UNSET:
         return ApiError(422, f"Array must contain at most {max_items} items")
     return _too_large()
@@ -176,7 +180,7 @@ def _parse(document: bytes) -> Any:
         # float is cheaper to build than a lossless one; both modes refuse exactly the same documents.
         return jiter.from_json(document, float_mode="float", allow_inf_nan=False, cache_mode="all")
     except ValueError:
-        raise ApiError(400, "Invalid JSON in request body") from None
+        raise _invalid_json() from None
 
 
 def _occurrences(text: bytes, byte: bytes, enough: int) -> int:

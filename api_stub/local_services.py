@@ -41,9 +41,11 @@ class CommandFailed(RuntimeError):
     """A `clientela` command exited with an error; the message holds its output."""
 
 
-def run_clientela(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float) -> str:
-    """Run a short `clientela` command and return its standard output; a failure raises CommandFailed."""
-    out = subprocess.run(
+def clientela_outcome(
+    args: list[str], env: Mapping[str, str], cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a short `clientela` command to its end, whatever its exit code; its output captured."""
+    return subprocess.run(
         [clientela_command(), *args],
         env=dict(env),
         cwd=str(cwd),
@@ -52,6 +54,11 @@ def run_clientela(args: list[str], env: Mapping[str, str], cwd: Path, timeout: f
         timeout=timeout,
         check=False,
     )
+
+
+def run_clientela(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float) -> str:
+    """Run a short `clientela` command and return its standard output; a failure raises CommandFailed."""
+    out = clientela_outcome(args, env, cwd, timeout)
     if out.returncode != 0:
         raise CommandFailed(
             f"clientela {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import Session
 
-from api_stub.local_services import clientela_command, free_port, tail
+from api_stub.local_services import clientela_outcome, free_port, tail
 from tests.conftest import Tenant
 from tests.helpers import (
     created,
@@ -59,15 +58,7 @@ def test_tenant_create_prints_one_json_line(migrated: dict[str, str]) -> None:
 
 def test_serve_refuses_to_start_without_a_secret_key(migrated: dict[str, str], tmp_path: Path) -> None:
     env = {k: v for k, v in migrated.items() if k != "CLIENTELA_SECRET_KEY"}
-    proc = subprocess.run(
-        [clientela_command(), "serve", "--host", "127.0.0.1", "--port", str(free_port())],
-        env=env,
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = clientela_outcome(["serve", "--host", "127.0.0.1", "--port", str(free_port())], env, tmp_path, 60)
     assert proc.returncode != 0
     assert "CLIENTELA_SECRET_KEY" in proc.stdout + proc.stderr
 
@@ -312,14 +303,8 @@ def _item(code: str) -> dict[str, object]:
 
 
 def test_embedded_mode_refuses_several_receiver_processes(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [clientela_command(), "serve", "--port", str(free_port()), "--processes", "2"],
-        env=clean_env(),
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = clientela_outcome(
+        ["serve", "--port", str(free_port()), "--processes", "2"], clean_env(), tmp_path, 60
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
@@ -327,20 +312,6 @@ def test_embedded_mode_refuses_several_receiver_processes(tmp_path: Path) -> Non
         "CLIENTELA_DATABASE_URL and CLIENTELA_BROKER_URL"
     )
     assert not list(tmp_path.iterdir()), "nothing is created before the refusal"
-
-
-def clientela_run(
-    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [clientela_command(), *args],
-        env=env,
-        cwd=str(cwd),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def production_env(**overrides: str) -> dict[str, str]:
@@ -392,7 +363,7 @@ def production_env(**overrides: str) -> dict[str, str]:
 def test_a_bad_setting_is_one_line_naming_its_variable_never_its_value(
     tmp_path: Path, overrides: dict[str, str], command: str, message: str
 ) -> None:
-    proc = clientela_run([command], production_env(**overrides), tmp_path)
+    proc = clientela_outcome([command], production_env(**overrides), tmp_path, 60)
     assert (proc.returncode, proc.stderr.strip()) == (2, f"configuration error: {message}")
     assert "short-but-secret" not in proc.stdout + proc.stderr
 
@@ -400,7 +371,7 @@ def test_a_bad_setting_is_one_line_naming_its_variable_never_its_value(
 def test_empty_urls_are_unset_ones(tmp_path: Path) -> None:
     """`CLIENTELA_DATABASE_URL=` is no URL: with the broker's empty too, that is embedded mode."""
     env = clean_env(CLIENTELA_DATABASE_URL="", CLIENTELA_BROKER_URL="")
-    proc = clientela_run(["worker"], env, tmp_path)
+    proc = clientela_outcome(["worker"], env, tmp_path, 60)
     assert proc.returncode == 2
     assert "embedded mode runs its worker and reconciler inside `clientela serve`" in proc.stderr
 
@@ -417,7 +388,7 @@ def test_a_database_that_cannot_be_used_is_one_line_without_its_password(tmp_pat
         ):
             url = f"postgresql+psycopg://clientela:hunter2@127.0.0.1:{port}/clientela"
             started = time.monotonic()
-            proc = clientela_run(["migrate"], production_env(CLIENTELA_DATABASE_URL=url), tmp_path)
+            proc = clientela_outcome(["migrate"], production_env(CLIENTELA_DATABASE_URL=url), tmp_path, 60)
             assert proc.returncode == 1, proc.stderr
             [line] = proc.stderr.strip().splitlines()
             assert line.startswith(
@@ -444,7 +415,7 @@ def test_a_database_that_cannot_be_used_is_one_line_without_its_password(tmp_pat
 def test_commands_refuse_what_cannot_work_in_embedded_mode(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    proc = clientela_run(args, clean_env(), tmp_path)
+    proc = clientela_outcome(args, clean_env(), tmp_path, 60)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

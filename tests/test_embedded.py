@@ -52,11 +52,7 @@ def test_concurrent_submissions_cannot_overshoot_the_cap_in_embedded_mode(tmp_pa
 
 
 def test_reference_example_in_embedded_mode(tmp_path: Path) -> None:
-    workdir = tmp_path / "embedded"
-    workdir.mkdir()
-    env = clean_env()
-    server = start_server("embedded-server", env, tmp_path / "logs", cwd=workdir)
-    try:
+    with embedded_server(tmp_path) as (server, workdir, env):
         data = create_tenant("embedded-tenant", env, cwd=workdir)
         assert data["tenant"] == "embedded-tenant"
         key = data["subscriptionKey"]
@@ -105,8 +101,6 @@ def test_reference_example_in_embedded_mode(tmp_path: Path) -> None:
             assert body["created"] == len(zeros)
             assert [client.get(f"/v1/customers/{c}").json()["quota"] for c in zeros] == ["0.00"] * 3
         assert (workdir / "clientela.db").exists(), sorted(p.name for p in workdir.iterdir())
-    finally:
-        server.stop()
 
 
 def test_a_killed_embedded_server_finishes_its_batches_as_soon_as_it_is_back(tmp_path: Path) -> None:

@@ -51,11 +51,15 @@ class ItemStatus:
     ALL = (CREATED, FAILED, UNPROCESSED)
 
 
+# `clientela tenant create` refuses a longer name before it reaches the column.
+TENANT_NAME_LENGTH = 200
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(TENANT_NAME_LENGTH), unique=True)
     # SHA-256 of a 256-bit random key: a slow password hash buys nothing against a key that cannot be guessed.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
